@@ -1,0 +1,196 @@
+"""Every command-line flag, the method presets, and the validation of flag combinations.
+
+Method-specific flags are declared by the method modules themselves (``add_arguments`` in
+``methods/*.py``); presets are data on the method classes.  Resolution order for a preset key:
+explicit flag > the method's per-dataset preset > the method's preset > the flag's default.
+The seed command lines of the reference repositories keep working (``--overlapped``,
+``--method MIB``, ``--task 15-5s``, ``--opt_level O1``, ``--local_rank``).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+from pathlib import Path
+
+import methods
+from dataset.tasks import TASKS, Task, TaskError, canonical_task
+from utils.errors import ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so the CLI prints one line and exits with 2."""
+
+    def error(self, message):
+        raise ConfigError(f"{message} (see python run.py --help)")
+
+
+def _steps(value: str):
+    return value if value == "all" else int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="Continual (class-incremental) semantic segmentation trainer.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--dataset", default="voc", help="voc | ade | shapes (synthetic, no files needed)")
+    g.add_argument("--data_root", default=None, help="dataset folder (see data/README.md)")
+    g.add_argument("--cache_dir", default=None, help="class-presence index cache (default: under the data root)")
+    g.add_argument("--task", default="15-5", help="class split, e.g. 19-1, 15-5, 15-1, 10-1, 5-3, 100-50, 100-10")
+    g.add_argument("--step", nargs="+", type=_steps, default=[0],
+                   help="step(s) to run: one, several (0 1 2) or 'all'")
+    g.add_argument("--overlap", "--overlapped", dest="overlap", action="store_true",
+                   help="overlapped protocol (default: disjoint)")
+    g.add_argument("--masking", choices=["plop", "mib"], default="plop",
+                   help="label masking protocol (reference §2.3)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--crop_size", type=int, default=512)
+    g.add_argument("--crop_val", action="store_false", dest="crop_val",
+                   help="reference spelling: passing it evaluates full images (batch 1) instead of centre crops")
+    g.add_argument("--batch_size", type=int, default=4, help="per process")
+    g.add_argument("--val_batch_size", type=int, default=None, help="default: --batch_size (1 on full images)")
+    g.add_argument("--num_workers", type=int, default=2)
+    g.add_argument("--shapes_train_size", type=int, default=2000)
+    g.add_argument("--shapes_val_size", type=int, default=300)
+    g.add_argument("--shapes_image_size", type=int, default=64)
+    g.add_argument("--shapes_seed", type=int, default=0)
+
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", default="resnet101",
+                   choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
+    g.add_argument("--output_stride", type=int, choices=[8, 16], default=16)
+    g.add_argument("--norm_act", default="iabn_sync", choices=["iabn_sync", "iabn", "abn", "bn", "std"])
+    g.add_argument("--width", type=float, default=1.0, help="channel multiplier of backbone and head")
+    g.add_argument("--pooling", type=int, default=32, help="ASPP eval-time pooling window")
+    g.add_argument("--pretrained", default=None, help="ImageNet weights (default pretrained/<backbone>_<norm_act>.pth.tar)")
+    g.add_argument("--no_pretrained", action="store_true")
+    g.add_argument("--fix_bn", action="store_true", help="freeze normalisation layers")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", nargs="+", type=int, default=[30], help="per step; the last value repeats")
+    g.add_argument("--lr", nargs="+", type=float, default=[0.007], help="per step; the last value repeats")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight_decay", type=float, default=1e-4)
+    g.add_argument("--lr_power", type=float, default=0.9, help="poly schedule power (per iteration)")
+    g.add_argument("--amp", action="store_true", help="mixed precision: bf16 on CPU, fp16 + loss scaling on CUDA")
+    g.add_argument("--opt_level", choices=["O0", "O1", "O2", "O3"], default=None,
+                   help="apex spelling: O0 = fp32, O1/O2/O3 = --amp")
+    g.add_argument("--random_seed", type=int, default=42)
+    g.add_argument("--channels_last", action="store_true", help="NHWC memory format for convolutions")
+    g.add_argument("--compile", action="store_true", help="torch.compile the student")
+
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="FT", help="FT, LwF, LwF-MC, ILT, EWC, RW, PI, MiB, PLOP, ...")
+    for module in _method_modules():
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(p)
+
+    g = p.add_argument_group("run")
+    g.add_argument("--name", default=None, help="run name (default: the method name)")
+    g.add_argument("--logdir", default="runs", help="runs go to <logdir>/<dataset>/<task>-<ov|dj>/<name>/")
+    g.add_argument("--step_ckpt", default=None, help="teacher checkpoint for the first requested step")
+    g.add_argument("--ckpt", default=None, help="checkpoint to evaluate with --test")
+    g.add_argument("--results_file", default=None, help="JSON-lines results (default: <run dir>/results.jsonl)")
+    g.add_argument("--test", action="store_true", help="evaluate saved checkpoints, no training")
+    g.add_argument("--overwrite", action="store_true", help="retrain steps whose checkpoint already exists")
+    g.add_argument("--val_interval", type=int, default=1, help="validate and checkpoint every N epochs")
+    g.add_argument("--log_interval", type=int, default=10, help="iterations between logged losses")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _method_modules():
+    for info in pkgutil.iter_modules(methods.__path__):
+        if info.name != "base":
+            yield importlib.import_module(f"methods.{info.name}")
+
+
+def _explicit_dests(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """Destinations the user set on the command line (so presets never override them)."""
+    shadow = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and not isinstance(action, argparse._HelpAction):
+            kwargs = dict(dest=action.dest, default=argparse.SUPPRESS)
+            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                                   argparse._StoreConstAction)):
+                kwargs.update(action="store_const", const=True)
+            else:
+                kwargs.update(nargs=action.nargs)
+            shadow.add_argument(*action.option_strings, **kwargs)
+    known, _ = shadow.parse_known_args(argv)
+    return set(vars(known))
+
+
+def apply_preset(opts, method_cls, explicit: set[str]) -> None:
+    preset = dict(getattr(method_cls, "preset", {}))
+    preset.update(getattr(method_cls, "preset_by_dataset", {}).get(opts.dataset, {}))
+    for key, value in preset.items():
+        if not hasattr(opts, key):
+            raise AssertionError(f"preset of {method_cls.__name__} sets unknown option {key}")
+        if key not in explicit:
+            setattr(opts, key, value)
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    opts = parser.parse_args(argv)
+    explicit = _explicit_dests(parser, argv)
+
+    try:
+        opts.method_cls = methods.get_method_class(opts.method)
+    except KeyError as exc:
+        raise ConfigError(exc.args[0]) from None
+    opts.method = opts.method_cls.name
+    apply_preset(opts, opts.method_cls, explicit)
+
+    try:
+        opts.task = canonical_task(opts.dataset, opts.task)
+    except TaskError as exc:
+        raise ConfigError(str(exc)) from None
+    num_steps = Task(opts.dataset, opts.task, 0).num_steps
+    if "all" in opts.step:
+        if len(opts.step) > 1:
+            raise ConfigError("--step all cannot be combined with step numbers")
+        opts.step = list(range(num_steps))
+    for s in opts.step:
+        if not 0 <= s < num_steps:
+            raise ConfigError(f"step {s} is out of range for {opts.dataset} {opts.task}, which has steps "
+                              f"0..{num_steps - 1}; pass --step between 0 and {num_steps - 1}")
+    if sorted(set(opts.step)) != opts.step:
+        raise ConfigError("--step values must be increasing and distinct, e.g. --step 0 1 2")
+
+    if opts.opt_level is not None:
+        opts.amp = opts.amp or opts.opt_level != "O0"
+    if opts.norm_act == "std":
+        opts.norm_act = "bn"
+    if opts.name is None:
+        opts.name = opts.method
+    if opts.val_batch_size is None:
+        opts.val_batch_size = opts.batch_size if opts.crop_val else 1
+    if opts.dataset != "shapes" and opts.data_root is None:
+        raise ConfigError(f"--data_root is required for --dataset {opts.dataset}; see data/README.md "
+                          "for the expected layout (or use --dataset shapes)")
+    if any(v <= 0 for v in opts.epochs) or any(v <= 0 for v in opts.lr):
+        raise ConfigError("--epochs and --lr values must be positive")
+    if opts.test and opts.ckpt and len(opts.step) > 1:
+        raise ConfigError("--ckpt evaluates one checkpoint: pass a single --step with it")
+    return opts
+
+
+def per_step(values: list, index: int):
+    """Value for the index-th requested step; the last value repeats (``--lr 0.01 0.001``)."""
+    return values[min(index, len(values) - 1)]
+
+
+def run_dir(opts) -> Path:
+    """Checkpoints, logs and results of one setting; the path names everything that matters."""
+    protocol = "ov" if opts.overlap else "dj"
+    return Path(opts.logdir) / opts.dataset / f"{opts.task}-{protocol}" / opts.name
+
+
+def known_datasets() -> list[str]:
+    return sorted(TASKS)

@@ -1,0 +1,48 @@
+"""Method registry: every module in this package registers its classes with ``@register``.
+
+Modules are imported automatically, so adding a method means adding one file here.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from .base import Method, MethodStateError, StepContext  # noqa: F401
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(name: str, *aliases: str):
+    """Class decorator: make a Method available as ``--method name`` (case-insensitive)."""
+
+    def wrap(cls):
+        cls.name = name
+        for key in (name, *aliases):
+            _REGISTRY[key.lower()] = cls
+        return cls
+
+    return wrap
+
+
+def _import_all():
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+def method_names() -> list[str]:
+    _import_all()
+    return sorted({cls.name for cls in _REGISTRY.values()})
+
+
+def get_method_class(name: str) -> type[Method]:
+    _import_all()
+    try:
+        return _REGISTRY[name.lower()]
+    except KeyError:
+        raise KeyError(f"unknown method '{name}'; choose one of {', '.join(method_names())}") from None
+
+
+def all_method_classes() -> list[type[Method]]:
+    _import_all()
+    return list(dict.fromkeys(_REGISTRY.values()))

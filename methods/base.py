@@ -1,0 +1,116 @@
+"""The plug-in interface between the Trainer and a continual-learning method.
+
+The Trainer knows nothing about methods: it runs the student (and, when ``needs_teacher`` is
+true, the frozen teacher) on a batch, hands both output dicts to :meth:`Method.loss`, sums the
+named terms it gets back and steps the optimizer.  Everything method-specific -- extra teacher
+passes, pseudo-labels, importance estimates, prototypes -- lives behind these hooks.
+
+Model outputs (``out`` / ``teacher_out``), see ``segmentation_module.py``:
+
+=================  ==============================================================================
+``logits``         (B, n_seen, H, W) full-resolution logits; channel k is class k
+``logits_small``   (B, n_seen, h, w) logits at the head's resolution (output stride)
+``body``           (B, C_body, h, w) last backbone stage, after its activation
+``stages``         list of the 4 stage outputs (res2..res5) taken *before* the last activation
+``pre_logits``     (B, 256, h, w) output of the ASPP head, input of the classifiers
+=================  ==============================================================================
+
+Losses are computed in fp32 (the Trainer calls ``loss`` outside autocast); a method casts the
+tensors it reads with ``.float()``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE_INDEX = 255
+
+
+@dataclass
+class StepContext:
+    """What a method may look at around a step (``before_step`` / ``after_step``)."""
+
+    model: nn.Module                   # the student, unwrapped from DDP
+    teacher: Optional[nn.Module]       # frozen step t-1 model, or None at step 0
+    train_loader: Any                  # iterable of batches {"image", "label"}
+    device: torch.device
+    task: Any                          # dataset.tasks.Task
+    opts: Any                          # argparse namespace
+    autocast: Callable = field(default=lambda: torch.autocast("cpu", enabled=False))
+    all_reduce: Callable[[Tensor], Tensor] = field(default=lambda t: t)  # in-place sum over ranks
+    log: Callable[[str], None] = field(default=print)
+
+
+class MethodStateError(RuntimeError):
+    """A method needs state from the previous step's checkpoint and it is not there."""
+
+
+class Method:
+    """Fine-tuning behaviour; every method overrides what it changes."""
+
+    needs_teacher: bool = False
+    # Set when the step-t method cannot run without state saved by the step t-1 method
+    # (EWC's Fisher, REMINDER's prototypes); ``load_state_dict`` then raises MethodStateError.
+    needs_previous_state: bool = False
+
+    def __init__(self, opts, task):
+        self.opts = opts
+        self.task = task
+
+    # --- construction -------------------------------------------------------------------------
+    def init_new_classifier(self, model: nn.Module) -> None:
+        """Initialise the step-t classifier after the step t-1 weights were loaded (step > 0)."""
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        """Optimizer groups; reference: body, head and classifiers at one lr and weight decay."""
+        wd = self.opts.weight_decay
+        groups = [
+            {"params": [p for p in model.body.parameters() if p.requires_grad], "lr": lr, "weight_decay": wd},
+            {"params": [p for p in model.head.parameters() if p.requires_grad], "lr": lr, "weight_decay": wd},
+            {"params": [p for p in model.cls.parameters() if p.requires_grad], "lr": lr, "weight_decay": wd},
+        ]
+        return [g for g in groups if g["params"]]
+
+    # --- training -----------------------------------------------------------------------------
+    def before_step(self, ctx: StepContext) -> None:
+        """Once before the first epoch of a step (PLOP thresholds, importance snapshots)."""
+
+    def loss(self, batch: dict, out: dict, teacher_out: Optional[dict]) -> dict[str, Tensor]:
+        """Named loss terms for one batch; the Trainer back-propagates their sum."""
+        return {"ce": cross_entropy_all_pixels(out["logits"], batch["label"])}
+
+    def after_backward(self, model: nn.Module) -> None:
+        """After backward, before the optimizer step, every iteration (EWC Fisher, PI path)."""
+
+    def after_epoch(self, ctx: StepContext, epoch: int) -> None:
+        """After every training epoch (LSKD renormalises its learned loss weights)."""
+
+    def after_step(self, ctx: StepContext) -> None:
+        """Once after the last epoch of a step, before its checkpoint is written."""
+
+    # --- inference ----------------------------------------------------------------------------
+    def predict(self, logits: Tensor) -> Tensor:
+        """Class map (B, H, W) from logits (B, C, H, W)."""
+        return logits.argmax(dim=1)
+
+    # --- persistence (inside the step checkpoint) ---------------------------------------------
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        """Receives the ``method_state`` of the step t-1 checkpoint (None at step 0)."""
+
+
+def cross_entropy_all_pixels(logits: Tensor, labels: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+    """CE averaged over *all* B*H*W pixels, ignored ones contributing 0 (reference §4.0).
+
+    ``weight`` (B,) optionally scales each image's pixels (PLOP's adaptive factor).
+    """
+    per_pixel = F.cross_entropy(logits.float(), labels.long(), ignore_index=IGNORE_INDEX, reduction="none")
+    if weight is not None:
+        per_pixel = per_pixel * weight.view(-1, 1, 1)
+    return per_pixel.mean()

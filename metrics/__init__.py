@@ -1,0 +1,1 @@
+from .confusion import ConfusionMatrix, segmentation_scores, incremental_scores  # noqa: F401
