@@ -74,17 +74,23 @@ def eval_loader(dataset, opts, info: DistInfo) -> DataLoader:
 # --- checkpoints --------------------------------------------------------------------------------
 def task_record(task: Task) -> dict:
     return {"dataset": task.dataset, "task": task.name, "step": task.step,
-            "classes_per_step": task.classes_per_step}
+            "classes": task.all_steps[: task.step + 1]}
 
 
 def check_checkpoint(ckpt: dict, task: Task, path) -> None:
-    """Refuse a checkpoint of another dataset, task or class split (it would load silently)."""
+    """Refuse a checkpoint trained on other classes (it would load silently and mislead).
+
+    Only the dataset and the classes learned so far must agree, so a step-0 model serves every
+    task that shares its base classes (15-5 and 15-1, say), as in the references.
+    """
     expected = task_record(task)
-    found = ckpt.get("task")
-    if found is None or any(found.get(k) != v for k, v in expected.items()):
+    found = ckpt.get("task") or {}
+    if found.get("dataset") != expected["dataset"] or found.get("classes") != expected["classes"]:
+        def describe(r):
+            return f"{r.get('dataset')} {r.get('task')} step {r.get('step')}" if r else "an unknown setting"
         raise CheckpointError(
-            f"checkpoint {path} was trained for {found} but {expected} is needed; pass the right "
-            "--step_ckpt/--ckpt or use another --name")
+            f"checkpoint {path} holds {describe(found)}, but {describe(expected)} (same classes) is needed; "
+            "pass the right --step_ckpt/--ckpt or use another --name")
 
 
 def load_weights(model, state: dict, path, strict: bool = True, allowed_missing: str = "") -> None:

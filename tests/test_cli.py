@@ -1,0 +1,142 @@
+"""The command line end to end: a tiny continual run, --test, resume, and every bad input.
+
+Bad input must end with exit code 2, one line on stderr that names the problem and the fix, no
+traceback, and nothing on disk changed.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ["--backbone", "resnet18", "--width", "0.125", "--norm_act", "abn",
+        "--no_pretrained", "--crop_size", "48", "--shapes_image_size", "48", "--batch_size", "4",
+        "--shapes_train_size", "96", "--shapes_val_size", "40", "--num_workers", "0",
+        "--epochs", "1", "--lr", "0.01", "0.001", "--no_progress"]
+TINY = ["--dataset", "shapes", *MODEL]
+
+
+def cli(*args, cwd=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def assert_user_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} if folder.exists() else {}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Steps 0 and 1 of shapes 15-1 with FT, shared by the tests below."""
+    logdir = tmp_path_factory.mktemp("runs")
+    proc = cli(*TINY, "--task", "15-1", "--overlap", "--method", "FT", "--step", "0", "1",
+               "--name", "ft", "--logdir", str(logdir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return logdir, logdir / "shapes" / "15-1-ov" / "ft", proc
+
+
+def test_run_writes_checkpoints_results_and_logs(trained):
+    _, run_dir, proc = trained
+    assert (run_dir / "step-0.pth").is_file() and (run_dir / "step-1.pth").is_file()
+    assert not list(run_dir.glob("*.last.pth"))
+    lines = [json.loads(l) for l in (run_dir / "results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 1]
+    for key in ("dataset", "task", "overlap", "method", "name", "step", "miou_all", "miou_old", "miou_new",
+                "hiou", "class_iou", "seconds"):
+        assert key in lines[1]
+    assert len(lines[0]["class_iou"]) == 16 and len(lines[1]["class_iou"]) == 17
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    ckpt = torch.load(run_dir / "step-1.pth", weights_only=False)
+    assert ckpt["task"]["classes"] == [list(range(16)), [16]]
+    assert "cls.1.weight" in ckpt["model"] and ckpt["model"]["cls.1.weight"].shape[0] == 1
+    assert "step |   all  |   old  |   new  |  hIoU" in proc.stdout
+
+
+def test_test_mode_reproduces_training_result(trained):
+    logdir, run_dir, _ = trained
+    before = [json.loads(l) for l in (run_dir / "results.jsonl").read_text().splitlines()]
+    results = logdir / "test.jsonl"
+    proc = cli(*TINY, "--task", "15-1", "--overlap", "--method", "FT", "--step", "1", "--name", "ft",
+               "--logdir", str(logdir), "--test", "--results_file", str(results))
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads(results.read_text())
+    assert again["miou_all"] == pytest.approx(before[1]["miou_all"], abs=1e-9)
+    assert again["class_iou"] == pytest.approx(before[1]["class_iou"], abs=1e-9)
+
+
+def test_existing_step_is_reused_not_overwritten(trained):
+    logdir, run_dir, _ = trained
+    before = snapshot(run_dir)
+    proc = cli(*TINY, "--task", "15-1", "--overlap", "--method", "FT", "--step", "0", "--name", "ft",
+               "--logdir", str(logdir), "--results_file", str(logdir / "reuse.jsonl"))
+    assert proc.returncode == 0, proc.stderr
+    assert "exists, reusing it" in proc.stdout
+    after = snapshot(run_dir)
+    assert {p: t for p, t in after.items() if p.suffix == ".pth"} == \
+           {p: t for p, t in before.items() if p.suffix == ".pth"}
+
+
+def test_previous_checkpoint_of_other_classes(trained, tmp_path):
+    _, run_dir, _ = trained
+    proc = cli(*TINY, "--task", "19-1", "--method", "FT", "--step", "1", "--name", "x",
+               "--logdir", str(tmp_path), "--step_ckpt", str(run_dir / "step-0.pth"))
+    assert_user_error(proc, "step-0.pth", "same classes")
+    assert not (tmp_path / "shapes" / "19-1-dj" / "x" / "step-1.pth").exists()
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--dataset", "coco", "--data_root", "/x"], ["unknown dataset 'coco'", "shapes"]),
+    (["--dataset", "shapes", "--task", "16-4"], ["unknown task '16-4'", "15-1"]),
+    (["--dataset", "shapes", "--method", "Magic"], ["unknown method 'Magic'", "MiB"]),
+    (["--dataset", "shapes", "--task", "15-1", "--step", "6"], ["step 6 is out of range", "0..5"]),
+    (["--dataset", "voc"], ["--data_root is required"]),
+])
+def test_bad_flags(args, fragments, tmp_path):
+    assert_user_error(cli(*args, "--logdir", str(tmp_path)), *fragments)
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_and_empty_data_root(tmp_path):
+    missing = tmp_path / "nope"
+    assert_user_error(cli(*TINY, "--dataset", "voc", "--data_root", str(missing), "--logdir", str(tmp_path / "r")),
+                      str(missing))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_user_error(cli(*TINY, "--dataset", "voc", "--data_root", str(empty), "--logdir", str(tmp_path / "r")),
+                      str(empty))
+
+
+def test_step_without_previous_checkpoint(tmp_path):
+    proc = cli(*TINY, "--task", "15-1", "--step", "2", "--logdir", str(tmp_path))
+    assert_user_error(proc, "step-1.pth", "train step 1 first")
+
+
+def test_test_without_checkpoint(tmp_path):
+    proc = cli(*TINY, "--task", "15-1", "--step", "0", "--test", "--logdir", str(tmp_path))
+    assert_user_error(proc, "--test needs the checkpoint", "--ckpt")
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    root = tmp_path / "voc"
+    subprocess.run([sys.executable, str(ROOT / "data" / "make_shapes.py"), "--root", str(root), "--train", "24",
+                    "--val", "8", "--size", "48"], check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    images = sorted((root / "VOC2012" / "JPEGImages").glob("*.jpg"))
+    bad = images[3]
+    bad.write_bytes(b"not a jpeg at all")
+    proc = cli(*MODEL, "--dataset", "voc", "--data_root", str(root), "--task", "15-1",
+               "--overlap", "--step", "0", "--logdir", str(tmp_path / "r"))
+    assert_user_error(proc, bad.name)

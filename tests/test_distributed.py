@@ -1,0 +1,81 @@
+"""One DDP iteration on 2 gloo processes x 2 images == 1 process on the same 4 images."""
+import os
+import socket
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dataset.tasks import Task
+from methods import get_method_class
+from segmentation_module import make_model
+from train import Trainer
+
+
+def _opts(**kw):
+    base = dict(backbone="resnet18", width=0.125, output_stride=16, norm_act="iabn_sync", pooling=32,
+                pretrained=None, no_pretrained=True, amp=False, momentum=0.9, weight_decay=1e-4,
+                lr_power=0.9, fix_bn=False, channels_last=False, log_interval=10, method="FT")
+    base.update(kw)
+    return types.SimpleNamespace(**base)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 3, 32, 40, generator=g)
+    labels = torch.randint(0, 16, (4, 32, 40), generator=g)
+    labels[:, :3, :] = 255
+    return images, labels
+
+
+def _one_iteration(rank: int, world: int, group) -> dict:
+    torch.manual_seed(0)
+    task = Task("shapes", "15-1", 0)
+    opts = _opts()
+    model = make_model(opts, task.classes_per_step, bn_group=group)
+    student = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    method = get_method_class("FT")(opts, task)
+    trainer = Trainer(student, None, method, opts, torch.device("cpu"), lr=0.01, iters_per_epoch=10, epochs=1)
+    images, labels = _batch()
+    per = 4 // world
+    shard = slice(rank * per, (rank + 1) * per)
+    trainer.train_step({"image": images[shard], "label": labels[shard]})
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _worker(rank, world, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        state = _one_iteration(rank, world, dist.group.WORLD)
+        if rank == 0:
+            torch.save(state, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    two = torch.load(out)
+    one = _one_iteration(0, 1, None)
+    assert one.keys() == two.keys()
+    changed = 0
+    for key in one:
+        if one[key].is_floating_point():
+            torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4, msg=key)
+            changed += 1
+    assert changed > 10
+    # the iteration really moved the weights (otherwise equality would prove nothing)
+    torch.manual_seed(0)
+    fresh = make_model(_opts(), Task("shapes", "15-1", 0).classes_per_step).state_dict()
+    assert not torch.allclose(fresh["cls.0.weight"], one["cls.0.weight"])
