@@ -140,3 +140,32 @@ def test_corrupt_image_names_the_file(tmp_path):
     proc = cli(*MODEL, "--dataset", "voc", "--data_root", str(root), "--task", "15-1",
                "--overlap", "--step", "0", "--logdir", str(tmp_path / "r"))
     assert_user_error(proc, bad.name)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    import run
+    from methods import get_method_class
+
+    FineTuning = get_method_class("FT")
+
+    calls = {"n": 0}
+    original = FineTuning.loss
+
+    def diverging(self, batch, out, teacher_out):
+        terms = original(self, batch, out, teacher_out)
+        calls["n"] += 1
+        if calls["n"] > 30:  # well into the second epoch
+            terms["ce"] = terms["ce"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(FineTuning, "loss", diverging)
+    args = [*TINY, "--task", "15-1", "--overlap", "--method", "FT", "--step", "0", "--epochs", "3",
+            "--logdir", str(tmp_path)]
+    assert run.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the loss became nan at epoch 1 iteration" in err[0]
+    run_dir = tmp_path / "shapes" / "15-1-ov" / "FT"
+    assert not (run_dir / "step-0.pth").exists()
+    partial = torch.load(run_dir / "step-0.last.pth", weights_only=False)
+    assert partial["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in partial["model"].values() if v.is_floating_point())

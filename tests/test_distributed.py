@@ -1,7 +1,6 @@
 """One DDP iteration on 2 gloo processes x 2 images == 1 process on the same 4 images."""
 import os
 import socket
-import types
 
 import pytest
 import torch
@@ -14,12 +13,11 @@ from segmentation_module import make_model
 from train import Trainer
 
 
-def _opts(**kw):
-    base = dict(backbone="resnet18", width=0.125, output_stride=16, norm_act="iabn_sync", pooling=32,
-                pretrained=None, no_pretrained=True, amp=False, momentum=0.9, weight_decay=1e-4,
-                lr_power=0.9, fix_bn=False, channels_last=False, log_interval=10, method="FT")
-    base.update(kw)
-    return types.SimpleNamespace(**base)
+def _opts():
+    from argparser import parse_args
+
+    return parse_args(["--dataset", "shapes", "--task", "15-1", "--backbone", "resnet18", "--width", "0.125",
+                       "--norm_act", "iabn_sync", "--no_pretrained", "--method", "FT"])
 
 
 def _batch():
