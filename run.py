@@ -149,10 +149,9 @@ def train_one_step(opts, info: DistInfo, task: Task, index: int, directory: Path
     if prev is not None:
         load_weights(model, prev["model"], prev_path, allowed_missing=f"cls.{step}.")
         method.init_new_classifier(model)
-        if method.needs_teacher:
-            teacher = build_model(opts, task.at(step - 1), info, pretrained=False)
-            load_weights(teacher, prev["model"], prev_path)
-            teacher.eval().requires_grad_(False)
+        teacher = build_model(opts, task.at(step - 1), info, pretrained=False)
+        load_weights(teacher, prev["model"], prev_path)
+        teacher.eval().requires_grad_(False)
 
     student = model
     if info.enabled:

@@ -58,7 +58,8 @@ class Trainer:
                  device: torch.device, lr: float, iters_per_epoch: int, epochs: int,
                  logger=None, is_main: bool = True):
         self.model = model
-        self.teacher = teacher if method.needs_teacher else None
+        self.teacher = teacher  # hooks may read its weights (EWC); its forward runs only if needed
+        self.run_teacher = teacher is not None and method.needs_teacher
         self.method = method
         self.opts = opts
         self.device = device
@@ -78,7 +79,7 @@ class Trainer:
         with self.precision.autocast():
             out = self.model(batch["image"])
             teacher_out = None
-            if self.teacher is not None:
+            if self.run_teacher:
                 with torch.no_grad():
                     teacher_out = self.teacher(batch["image"])
         terms = self.method.loss(batch, out, teacher_out)

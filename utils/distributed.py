@@ -75,4 +75,5 @@ def broadcast_object(obj, src: int = 0):
 
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another still talks to it
         dist.destroy_process_group()

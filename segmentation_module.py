@@ -1,0 +1,156 @@
+"""The incremental segmentation network: ResNet body + DeepLabV3 head + one classifier per step.
+
+reference/mib_plop.md §3.3 (``IncrementalSegmentationModule``) and §3.5 (ImageNet weights).
+``forward`` returns every tensor a distillation method reads (see ``methods/base.py``), so no
+method needs a second pass or hooks.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.resnet import build_backbone, scale_channels
+from modules.deeplab import DeeplabV3
+from modules.norm import freeze_norm_layers, make_norm_act
+from utils.checkpoint import strip_module_prefix
+from utils.errors import UserError
+
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+HEAD_CHANNELS = 256  # ASPP hidden and output channels at --width 1 (§3.2)
+
+
+class PretrainedWeightsError(UserError):
+    """ImageNet weights that are missing or do not fit the requested body."""
+
+
+class IncrementalSegmentationModule(nn.Module):
+    """body -> head -> per-step 1x1 classifiers (concatenated) -> bilinear upsampling.
+
+    ``cls[k]`` has ``classes_per_step[k]`` outputs with bias and PyTorch's default init; channel
+    c of the logits is class c.
+    """
+
+    def __init__(self, body: nn.Module, head: nn.Module, head_channels: int, classes_per_step: list[int]):
+        super().__init__()
+        self.body = body
+        self.head = head
+        self.classes_per_step = list(classes_per_step)
+        self.cls = nn.ModuleList([nn.Conv2d(head_channels, n, 1) for n in self.classes_per_step])
+        self._norm_frozen = False
+
+    @property
+    def num_classes(self) -> int:
+        return sum(self.classes_per_step)
+
+    def forward(self, x: Tensor) -> dict[str, Any]:
+        body, stages = self.body(x)
+        pre_logits = self.head(body)
+        logits_small = self.classify(pre_logits)
+        logits = F.interpolate(logits_small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return {"logits": logits, "logits_small": logits_small, "body": body, "stages": stages,
+                "pre_logits": pre_logits}
+
+    def classify(self, features: Tensor) -> Tensor:
+        """All classifiers as one 1x1 conv: equal to concatenating each step's output, one kernel."""
+        weight = torch.cat([c.weight for c in self.cls])
+        bias = torch.cat([c.bias for c in self.cls])
+        return F.conv2d(features, weight, bias)
+
+    def freeze_bn(self) -> None:
+        """``--fix_bn``: norm layers use running statistics and get no gradient, also after
+        later ``train()`` calls (the Trainer switches modes every epoch)."""
+        self._norm_frozen = True
+        freeze_norm_layers(self)
+
+    def train(self, mode: bool = True) -> "IncrementalSegmentationModule":
+        super().train(mode)
+        if self._norm_frozen:
+            freeze_norm_layers(self)
+        return self
+
+
+def build_head(opts, in_channels: int, norm_act: Callable[[int], nn.Module]) -> nn.Module:
+    """The head on top of the body; it exposes ``out_channels`` (the classifiers' input)."""
+    channels = scale_channels(HEAD_CHANNELS, opts.width)
+    return DeeplabV3(in_channels, channels, channels, norm_act, opts.output_stride, opts.pooling)
+
+
+def pretrained_path(opts) -> Path:
+    """``--pretrained``, or the reference's ``pretrained/{backbone}_{norm_act}.pth.tar`` (§3.5)."""
+    if opts.pretrained:
+        return Path(opts.pretrained)
+    return PRETRAINED_DIR / f"{opts.backbone}_{opts.norm_act}.pth.tar"
+
+
+def check_pretrained(opts) -> Optional[Path]:
+    """The weights file to load, None with ``--no_pretrained``; fails before the model is built."""
+    if opts.no_pretrained:
+        return None
+    path = pretrained_path(opts)
+    if opts.width != 1:
+        raise PretrainedWeightsError(
+            f"--width {opts.width} changes every channel count, so ImageNet weights cannot be loaded; "
+            "pass --no_pretrained (or --width 1)")
+    if not path.is_file():
+        raise PretrainedWeightsError(
+            f"ImageNet weights {path} are missing; download 'ResNet101 iABN sync' from the mapillary/inplace_abn "
+            "releases (mirrored as resnet101_iabn_sync.pth.tar in PLOP's release v1.0), see pretrained/README.md, "
+            "or pass --no_pretrained to train from scratch")
+    return path
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Older training scripts pickle extra objects next to the weights; the user chose the file.
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_pretrained(path: Path) -> dict[str, Tensor]:
+    """Body weights of an ImageNet checkpoint: ``['state_dict']`` if present, ``module.`` prefixes
+    stripped where present (PLOP strips 7 characters blindly), ImageNet classifier dropped."""
+    try:
+        ckpt = _torch_load(path)
+    except Exception as exc:
+        raise PretrainedWeightsError(f"ImageNet weights {path} cannot be read ({type(exc).__name__}); "
+                                     "download the file again or pass --no_pretrained") from None
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise PretrainedWeightsError(f"{path} holds no state dict; expected a checkpoint with a 'state_dict' entry")
+    return {k: v for k, v in strip_module_prefix(state).items() if not k.startswith("classifier.")}
+
+
+def load_pretrained(body: nn.Module, path: Path) -> None:
+    """Strict load of ImageNet weights into the body, with a one-line error when they do not fit."""
+    state = read_pretrained(path)
+    try:
+        missing, unexpected = body.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a shape mismatch: weights of another backbone
+        detail = str(exc).strip().splitlines()[-1].strip()
+        raise PretrainedWeightsError(f"ImageNet weights {path} do not fit the body ({detail}); "
+                                     "check --backbone or pass --no_pretrained") from None
+    if missing or unexpected:
+        raise PretrainedWeightsError(
+            f"ImageNet weights {path} do not fit the body ({len(missing)} missing keys, e.g. {missing[:2]}; "
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}); check --backbone or pass --no_pretrained")
+
+
+def make_model(opts, classes_per_step: list[int], bn_group: Optional[Any] = None) -> IncrementalSegmentationModule:
+    """Student/teacher network for ``classes_per_step`` (e.g. 15-1 step 2: [16, 1, 1]).
+
+    Reads ``opts.backbone``, ``output_stride``, ``norm_act``, ``width``, ``pooling``,
+    ``pretrained``, ``no_pretrained``; ``bn_group`` is the process group ``iabn_sync`` uses.
+    """
+    weights = check_pretrained(opts)
+    norm_act = make_norm_act(opts.norm_act, group=bn_group)
+    body = build_backbone(opts.backbone, norm_act, opts.output_stride, opts.width)
+    if weights is not None:
+        load_pretrained(body, weights)
+    head = build_head(opts, body.out_channels, norm_act)
+    return IncrementalSegmentationModule(body, head, head.out_channels, classes_per_step)
