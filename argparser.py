@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
     g.add_argument("--output_stride", type=int, choices=[8, 16], default=16)
     g.add_argument("--norm_act", default="iabn_sync", choices=["iabn_sync", "iabn", "abn", "bn", "std"])
+    g.add_argument("--head", choices=["deeplab", "dkd"], default="deeplab",
+                   help="DeepLabV3 head with softmax classifiers, or DKD's sigmoid head (set by --method DKD)")
     g.add_argument("--width", type=float, default=1.0, help="channel multiplier of backbone and head")
     g.add_argument("--pooling", type=int, default=32, help="ASPP eval-time pooling window")
     g.add_argument("--pretrained", default=None, help="ImageNet weights (default pretrained/<backbone>_<norm_act>.pth.tar)")
@@ -125,6 +127,25 @@ def _explicit_dests(parser: argparse.ArgumentParser, argv) -> set[str]:
     return set(vars(known))
 
 
+def family_class(chosen, opts, explicit: set[str]):
+    """The class that the flags actually ask for, as the reference composes methods from flags.
+
+    PLOP's ADE scripts say ``--method FT --pod local --pseudo entropy ...`` and LSKD's README
+    ``--method FT ... --dis cos``: a subclass whose own ``selected_by`` flags were given runs
+    instead (without its preset), the most derived one when several match.
+    """
+    matches = [cls for cls in methods.all_method_classes()
+               if cls is not chosen and issubclass(cls, chosen)
+               and any(k in explicit and getattr(opts, k, None) for k in cls.__dict__.get("selected_by", ()))]
+    if not matches:
+        return chosen
+    deepest = [cls for cls in matches if all(issubclass(cls, other) for other in matches)]
+    if not deepest:
+        raise ConfigError(f"flags of several methods were combined ({', '.join(c.name for c in matches)}); "
+                          "pick one with --method")
+    return deepest[0]
+
+
 def apply_preset(opts, method_cls, explicit: set[str]) -> None:
     preset = dict(getattr(method_cls, "preset", {}))
     preset.update(getattr(method_cls, "preset_by_dataset", {}).get(opts.dataset, {}))
@@ -146,6 +167,7 @@ def parse_args(argv=None):
         raise ConfigError(exc.args[0]) from None
     opts.method = opts.method_cls.name
     apply_preset(opts, opts.method_cls, explicit)
+    opts.method_cls = family_class(opts.method_cls, opts, explicit)
 
     try:
         opts.task = canonical_task(opts.dataset, opts.task)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from models.resnet import build_backbone, scale_channels
 from modules.deeplab import DeeplabV3
+from modules.dkd_head import DKDHead, dkd_classifier_forward
 from modules.norm import freeze_norm_layers, make_norm_act
 from utils.checkpoint import strip_module_prefix
 from utils.errors import UserError
@@ -32,13 +33,17 @@ class IncrementalSegmentationModule(nn.Module):
     """body -> head -> per-step 1x1 classifiers (concatenated) -> bilinear upsampling.
 
     ``cls[k]`` has ``classes_per_step[k]`` outputs with bias and PyTorch's default init; channel
-    c of the logits is class c.
+    c of the logits is class c.  ``classifier_forward(cls, features)`` turns head features into
+    ``{"logits_small", ...}``: softmax-style linear classifiers by default, DKD's sigmoid
+    classifiers with decomposed logits for ``--head dkd``.
     """
 
-    def __init__(self, body: nn.Module, head: nn.Module, head_channels: int, classes_per_step: list[int]):
+    def __init__(self, body: nn.Module, head: nn.Module, head_channels: int, classes_per_step: list[int],
+                 classifier_forward: Optional[Callable[[nn.ModuleList, Tensor], dict]] = None):
         super().__init__()
         self.body = body
         self.head = head
+        self.classifier_forward = classifier_forward or linear_classifiers
         self.classes_per_step = list(classes_per_step)
         self.cls = nn.ModuleList([nn.Conv2d(head_channels, n, 1) for n in self.classes_per_step])
         self._norm_frozen = False
@@ -50,16 +55,13 @@ class IncrementalSegmentationModule(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Any]:
         body, stages = self.body(x)
         pre_logits = self.head(body)
-        logits_small = self.classify(pre_logits)
-        logits = F.interpolate(logits_small, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return {"logits": logits, "logits_small": logits_small, "body": body, "stages": stages,
-                "pre_logits": pre_logits}
+        out = self.classifier_forward(self.cls, pre_logits)
+        out["logits"] = F.interpolate(out["logits_small"], size=x.shape[-2:], mode="bilinear", align_corners=False)
+        out.update(body=body, stages=stages, pre_logits=pre_logits)
+        return out
 
     def classify(self, features: Tensor) -> Tensor:
-        """All classifiers as one 1x1 conv: equal to concatenating each step's output, one kernel."""
-        weight = torch.cat([c.weight for c in self.cls])
-        bias = torch.cat([c.bias for c in self.cls])
-        return F.conv2d(features, weight, bias)
+        return self.classifier_forward(self.cls, features)["logits_small"]
 
     def freeze_bn(self) -> None:
         """``--fix_bn``: norm layers use running statistics and get no gradient, also after
@@ -74,10 +76,26 @@ class IncrementalSegmentationModule(nn.Module):
         return self
 
 
-def build_head(opts, in_channels: int, norm_act: Callable[[int], nn.Module]) -> nn.Module:
-    """The head on top of the body; it exposes ``out_channels`` (the classifiers' input)."""
+def linear_classifiers(classifiers: nn.ModuleList, features: Tensor) -> dict[str, Tensor]:
+    """All classifiers as one 1x1 conv: equal to concatenating each step's output, one kernel."""
+    weight = torch.cat([c.weight for c in classifiers])
+    bias = torch.cat([c.bias for c in classifiers])
+    return {"logits_small": F.conv2d(features, weight, bias)}
+
+
+def build_head(opts, in_channels: int, norm_act: Callable[[int], nn.Module], bn_group: Optional[Any] = None):
+    """The head on top of the body (it exposes ``out_channels``) and its classifier forward.
+
+    ``--head deeplab`` is the MiB/PLOP DeepLabV3 with activated BN (§3.2); ``--head dkd`` is DKD's
+    ASPP with ReLU features and sigmoid classifiers (recent_methods.md §5.1), normalised with
+    BatchNorm (SyncBatchNorm across CUDA ranks).
+    """
     channels = scale_channels(HEAD_CHANNELS, opts.width)
-    return DeeplabV3(in_channels, channels, channels, norm_act, opts.output_stride, opts.pooling)
+    if getattr(opts, "head", "deeplab") == "dkd":
+        sync = bn_group is not None and torch.cuda.is_available()
+        norm = (lambda n: nn.SyncBatchNorm(n, process_group=bn_group)) if sync else nn.BatchNorm2d
+        return DKDHead(in_channels, channels, opts.output_stride, norm_layer=norm), dkd_classifier_forward
+    return DeeplabV3(in_channels, channels, channels, norm_act, opts.output_stride, opts.pooling), linear_classifiers
 
 
 def pretrained_path(opts) -> Path:
@@ -152,5 +170,5 @@ def make_model(opts, classes_per_step: list[int], bn_group: Optional[Any] = None
     body = build_backbone(opts.backbone, norm_act, opts.output_stride, opts.width)
     if weights is not None:
         load_pretrained(body, weights)
-    head = build_head(opts, body.out_channels, norm_act)
-    return IncrementalSegmentationModule(body, head, head.out_channels, classes_per_step)
+    head, classifier_forward = build_head(opts, body.out_channels, norm_act, bn_group)
+    return IncrementalSegmentationModule(body, head, head.out_channels, classes_per_step, classifier_forward)

@@ -206,7 +206,7 @@ class ClassicMethod(Method):
 
     def load_state_dict(self, state: Optional[dict]) -> None:
         """At step > 0 a regulariser needs the statistics the step t-1 one saved (MethodStateError)."""
-        if self.needs_previous_state:
+        if self.incremental and self.regularizer is not None:
             self.regularizer.load_previous((state or {}).get("regularizer"))
 
 

@@ -1,0 +1,426 @@
+"""LSKD (Wu & Wang, "Layer-Specific Knowledge Distillation for Class Incremental Semantic
+Segmentation", IEEE TIP 2024): PLOP + MiB's unbiased KD + mask-guided distillation with learned
+per-term weights.
+
+recent_methods.md §6 (what wwwwyw/LSKD computes).  At step > 0, after PLOP's pseudo-labelling:
+
+1. **Teacher passes on blanked images.**  The teacher also sees x with the old region
+   (labels < C_old) and x with the new region (C_old <= labels < 255) set to 0 (the mean colour
+   of normalised images), as ONE batched forward; the plain pass is the Trainer's teacher output.
+2. **MD, mask-guided POD** (:func:`region_masks`): for the layers mod4, mod5, head and logits,
+   teacher and student maps are multiplied by a spatial mask (and, but on the logits, a channel
+   mask) derived from how the teacher's features change under the two blankings, then Local POD.
+3. **MCD, mask-guided context distillation** (:func:`context_descriptor`) on the masked head
+   output: within-group second-order statistics after 5x5 average pooling.
+4. **Learned layer weights**: the loss is sum_i w_i L_i over the nine terms
+   L = [CE * nu * ce_factor, MCD, loss_kd * UNKD, pod_mod2 .. pod_logits] (POD terms without
+   PLOP's sqrt schedule and 1/L, as in the code).  w is a parameter of this method (its own
+   optimizer group, saved in the method state, carried to the next step); its gradient is
+   replaced by that of a GradNorm-like objective (:func:`gradnorm_weight_grad`) and after every
+   epoch w <- 9 w / sum(w).
+
+Step 0 trains exactly as PLOP's step 0.  Deviations from the reference, each a fix:
+
+* the plain teacher pass is not repeated (the reference ran the teacher on x twice);
+* the GradNorm gradient of w is averaged over ranks (the reference replaced the all-reduced
+  gradient by each rank's own, so ranks' weights drifted apart);
+* a loss ratio L_i / L_i(0) with L_i(0) = 0 counts as 1 (the reference divides by zero);
+* ``--mask_distance L1_mean`` (channel statistic undefined, a NameError in the reference) and
+  ``L2`` (its "statistics" are vectors, so every mask mode crashes) are rejected.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from utils.errors import ConfigError
+
+from . import register
+from .base import IGNORE_INDEX, MethodStateError, StepContext
+from .plop import PLOP
+from .pod import distilled_layers, pod_distance
+
+TERMS = ("ce", "mcd", "unkd", "pod_mod2", "pod_mod3", "pod_mod4", "pod_mod5", "pod_head", "pod_logits")
+# GradNorm groups (indices into TERMS) and the shared parameter each term's gradient is read on:
+# the first parameter of the head's last norm layer (``red_bn``) or of a backbone stage.
+GROUP_A = (0, 1, 2, 6, 7, 8)
+GROUP_B = (3, 4, 5)
+SHARED = ("head", "head", "head", "mod2", "mod3", "mod4", "mod5", "head", "head")
+GRADNORM_SCALE = 10.0      # weight of the |G_i - target_i| sums in the reference objective
+MONOTONE_RATIO = 1.25      # beta term: ReLU(1.25 w_{3+j} - w_{4+j}), j = 0..3
+MASKED_FROM_LAYER = 2      # MD masks mod4, mod5, head and logits (layer index >= 2)
+MCD_LAYER = 4              # the head output
+MCD_POOL = 5               # 5x5 average pooling, stride 2, padding 2
+
+DISTANCES = ("cos", "mean_L1")
+MASK_MODES = ("whc", "none", "newnone", "gt", "old", "new")
+
+
+def _mask_distance(text: str) -> str:
+    if text == "L1_mean":
+        raise argparse.ArgumentTypeError(
+            "L1_mean has no channel statistic in the reference (it crashes there); use cos or mean_L1")
+    if text == "L2":
+        raise argparse.ArgumentTypeError(
+            "L2 gives per-pixel vectors, not the scalars the masks rank (the reference crashes); use cos or mean_L1")
+    if text not in DISTANCES:
+        raise argparse.ArgumentTypeError(f"unknown distance '{text}'; choose one of {', '.join(DISTANCES)}")
+    return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """LSKD's flags; the seed spellings (--dis, --sigmoid, --aaaaaa, --mmm, --adaptive*, --ppp) are aliases."""
+    g = parser.add_argument_group("LSKD: mask-guided and layer-weighted distillation")
+    g.add_argument("--mask_distance", "--dis", dest="mask_distance", type=_mask_distance, default=None,
+                   metavar="{cos,mean_L1}", help="how teacher features on blanked images are compared")
+    g.add_argument("--mask_mode", "--sigmoid", dest="mask_mode", choices=MASK_MODES, default=None,
+                   help="MD masks: whc (spatial and channel quantile masks), none, newnone, gt, old, new")
+    g.add_argument("--mcd_factor", "--aaaaaa", dest="mcd_factor", type=float, default=0.0,
+                   help="weight of the mask-guided context distillation (LSKD: 0.005)")
+    g.add_argument("--mcd_groups", "--mmm", dest="mcd_groups", type=int, default=20,
+                   help="channel groups of the context descriptor")
+    g.add_argument("--adaptive_alpha", "--adaptivealpha", dest="adaptive_alpha", type=float, default=0.0,
+                   help="GradNorm restoring-force exponent (LSKD: 10)")
+    g.add_argument("--adaptive_beta", "--adaptivebeta", dest="adaptive_beta", type=float, default=0.0,
+                   help="weight of the deeper-layer-weights-larger penalty (LSKD: 1e-4)")
+    g.add_argument("--adaptive_gamma", "--adaptivegamma", dest="adaptive_gamma", type=float, default=0.0,
+                   help="weight of the tie between the CE and KD weights (LSKD: 5e-4)")
+    g.add_argument("--ce_factor", "--ppp", dest="ce_factor", type=float, default=1.0,
+                   help="factor of the CE term in LSKD's task vector")
+
+
+# --- masks (MD) ---------------------------------------------------------------------------------
+
+
+def rowwise_quantile(x: Tensor, q: Tensor) -> Tensor:
+    """Per row of x (B, N) its q_b-quantile with linear interpolation (``torch.quantile``)."""
+    ordered = x.sort(dim=1).values
+    position = q.to(x.dtype).clamp(0, 1) * (x.shape[1] - 1)
+    low = position.floor().long()
+    high = position.ceil().long()
+    lo = ordered.gather(1, low[:, None]).squeeze(1)
+    hi = ordered.gather(1, high[:, None]).squeeze(1)
+    return lo + (position - low.to(x.dtype)) * (hi - lo)
+
+
+def region_ratios(labels: Tensor, n_old: int) -> tuple[Tensor, Tensor]:
+    """Per image, the share of old/background pixels (labels < C_old) and of new pixels."""
+    old = (labels < n_old).flatten(1).float().mean(dim=1)
+    new = ((labels >= n_old) & (labels != IGNORE_INDEX)).flatten(1).float().mean(dim=1)
+    return old, new
+
+
+def change_statistics(a: Tensor, c: Tensor, d: Tensor, distance: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """How the teacher's map a changes when the old (c) or new (d) region is blanked.
+
+    Spatial (B, h, w): ``cos`` -- cosine similarity over channels; ``mean_L1`` -- |difference of
+    the channel means|.  Channel (B, C), both distances: |difference of the spatial means|.
+    """
+    if distance == "cos":
+        s_old, s_new = F.cosine_similarity(a, c, dim=1), F.cosine_similarity(a, d, dim=1)
+    else:
+        s_old = (c.mean(dim=1) - a.mean(dim=1)).abs()
+        s_new = (d.mean(dim=1) - a.mean(dim=1)).abs()
+    a_mean = a.mean(dim=(2, 3))
+    return s_old, s_new, (c.mean(dim=(2, 3)) - a_mean).abs(), (d.mean(dim=(2, 3)) - a_mean).abs()
+
+
+def _at_least(x: Tensor, q: Tensor) -> Tensor:
+    """Entries of x (B, ...) >= their image's q-quantile."""
+    return x >= rowwise_quantile(x.flatten(1), q).view(-1, *[1] * (x.dim() - 1))
+
+
+def _at_most(x: Tensor, q: Tensor) -> Tensor:
+    return x <= rowwise_quantile(x.flatten(1), q).view(-1, *[1] * (x.dim() - 1))
+
+
+def region_masks(a: Tensor, c: Optional[Tensor], d: Optional[Tensor], labels: Tensor, n_old: int,
+                 distance: str, mode: str, channels: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """MD masks of one layer: spatial (B, 1, h, w) and, for ``whc`` with ``channels``, (B, C, 1, 1).
+
+    With r_old / r_new the image's old / new pixel shares and Q_r the r-quantile over the map
+    (recent_methods.md §6.2, ``features_distillation``):
+
+    * ``whc``, cos: m = [s_old >= Q_{r_old}] or [s_new <= Q_{r_new}]; mean_L1 (a distance, so
+      inequalities *and* levels swap): m = [s_old <= Q_{r_new}] or [s_new >= Q_{r_old}];
+      channel mask (any distance): [c_old >= Q_{r_old}] or [c_new <= Q_{r_new}];
+    * ``none``: [s_old >= Q_{r_old}] and [s_new <= Q_{r_new}];  ``newnone``: [s_new <= Q_{r_old}];
+    * ``gt``: the new-pixel mask, bilinearly resized to the map;
+    * ``old``: sigmoid(s_old);  ``new``: 1 - sigmoid(s_new)  (soft masks).
+    """
+    if mode == "gt":
+        new = ((labels >= n_old) & (labels != IGNORE_INDEX)).float()[:, None]
+        return F.interpolate(new, size=a.shape[-2:], mode="bilinear", align_corners=False), None
+    s_old, s_new, ch_old, ch_new = change_statistics(a, c, d, distance)
+    r_old, r_new = region_ratios(labels, n_old)
+    if mode == "old":
+        spatial = torch.sigmoid(s_old)
+    elif mode == "new":
+        spatial = 1 - torch.sigmoid(s_new)
+    elif mode == "none":
+        spatial = (_at_least(s_old, r_old) & _at_most(s_new, r_new)).float()
+    elif mode == "newnone":
+        spatial = _at_most(s_new, r_old).float()
+    elif distance == "cos":
+        spatial = (_at_least(s_old, r_old) | _at_most(s_new, r_new)).float()
+    else:
+        spatial = (_at_most(s_old, r_new) | _at_least(s_new, r_old)).float()
+    channel = None
+    if mode == "whc" and channels:
+        channel = (_at_least(ch_old, r_old) | _at_most(ch_new, r_new)).float()[:, :, None, None]
+    return spatial[:, None], channel
+
+
+# --- MCD --------------------------------------------------------------------------------------
+
+
+def context_descriptor(x: Tensor, groups: int) -> Tensor:
+    """Second-order context of a map (reference ``second_order_pooling``), shape (B, D).
+
+    Channels split into ``groups`` groups of k = C // groups (the last C - groups k dropped);
+    5x5 average pooling with stride 2 (zero padding 2, counted); at every location the k x k
+    outer product of the group's channel vector.
+    """
+    b, c = x.shape[:2]
+    k = c // groups
+    pooled = F.avg_pool2d(x[:, : groups * k], MCD_POOL, stride=2, padding=MCD_POOL // 2)
+    g = pooled.view(b, groups, k, *pooled.shape[-2:])
+    return torch.einsum("bgihw,bgjhw->bgijhw", g, g).flatten(1)
+
+
+def context_distance(a: Tensor, b: Tensor, groups: int) -> Tensor:
+    """Per-image ||ctx(a) - ctx(b)||_2 (MCD, before the mean over the batch)."""
+    return (context_descriptor(a, groups) - context_descriptor(b, groups)).norm(dim=1)
+
+
+# --- blanked teacher passes -----------------------------------------------------------------
+
+
+def blank_regions(images: Tensor, labels: Tensor, n_old: int) -> Tensor:
+    """[x with old pixels zeroed; x with new pixels zeroed] stacked on the batch axis (2B, 3, H, W)."""
+    if images.shape[-2:] != labels.shape[-2:]:
+        raise ValueError(f"LSKD blanks image regions by label, but images are {tuple(images.shape[-2:])} "
+                         f"and labels {tuple(labels.shape[-2:])}")
+    old = (labels < n_old)[:, None]
+    new = ((labels >= n_old) & (labels != IGNORE_INDEX))[:, None]
+    zero = images.new_zeros(())
+    return torch.cat([torch.where(old, zero, images), torch.where(new, zero, images)])
+
+
+# --- learned weights (GradNorm-like) --------------------------------------------------------
+
+
+def gradnorm_weight_grad(weights: Tensor, grad_means: Tensor, losses: Tensor, initial: Tensor,
+                         alpha: float, beta: float, gamma: float, new_over_old: float) -> Tensor:
+    """Gradient w.r.t. w of LSKD's weight objective (recent_methods.md §6.2):
+
+        10 sum_{g in A, B} sum_{i in g} |G_i - mean_g(G) r_i^alpha| + gamma |w_0 - (C_new/C_old) w_2|
+        + beta sum_{j=0}^{3} ReLU(1.25 w_{3+j} - w_{4+j}),
+
+    G_i = w_i * mean(dL_i/dtheta_i) (a signed mean, as in the code), r_i = (L_i/L_i(0)) over its
+    group mean, the targets mean_g(G) r^alpha held constant.  A ratio with L_i(0) = 0 is 1.
+    """
+    w = weights.detach().clone().requires_grad_(True)
+    g = w * grad_means
+    ratio = torch.where(initial != 0, losses / initial.where(initial != 0, torch.ones_like(initial)),
+                        torch.ones_like(losses))
+    objective = w.new_zeros(())
+    for group in (GROUP_A, GROUP_B):
+        index = list(group)
+        r = ratio[index] / ratio[index].mean()
+        target = g[index].detach().mean() * r ** alpha
+        objective = objective + GRADNORM_SCALE * (g[index] - target).abs().sum()
+    objective = objective + gamma * (w[0] - new_over_old * w[2]).abs()
+    objective = objective + beta * F.relu(MONOTONE_RATIO * w[3:7] - w[4:8]).sum()
+    return torch.autograd.grad(objective, w)[0]
+
+
+def shared_parameters(model: nn.Module) -> list[Tensor]:
+    """theta_i per term (SHARED): the first parameter of ``head.red_bn`` or of ``body.mod2..5``."""
+    try:
+        found = {"head": next(model.head.red_bn.parameters())}
+        found.update({f"mod{k}": next(getattr(model.body, f"mod{k}").parameters()) for k in range(2, 6)})
+    except (AttributeError, StopIteration):
+        raise RuntimeError("LSKD reads gradients on head.red_bn and body.mod2..mod5; "
+                           "this model has no such layers") from None
+    return [found[name] for name in SHARED]
+
+
+def mean_gradients(losses: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+    """mean(dL_i/dtheta_i) per term; 0 where L_i does not depend on theta_i (graph kept)."""
+    means = []
+    for loss, param in zip(losses, params, strict=True):
+        if loss.requires_grad:
+            (grad,) = torch.autograd.grad(loss, param, retain_graph=True, allow_unused=True)
+        else:
+            grad = None
+        means.append(grad.float().mean() if grad is not None else param.new_zeros((), dtype=torch.float32))
+    return torch.stack(means)
+
+
+@register("LSKD")
+class LSKD(PLOP):
+    """PLOP + 10 UNKD + MD + MCD with learned term weights (README of wwwwyw/LSKD, VOC 10-1).
+
+    The repository publishes VOC flags only; on ADE the preset keeps PLOP's ADE POD factors.
+    """
+
+    selected_by = ('mask_mode', 'mask_distance', 'mcd_factor')
+
+    preset: dict[str, Any] = {
+        **PLOP.preset, "unkd": True, "loss_kd": 10.0, "mask_distance": "cos", "mask_mode": "whc",
+        "mcd_factor": 0.005, "mcd_groups": 20, "adaptive_alpha": 10.0, "adaptive_beta": 1e-4,
+        "adaptive_gamma": 5e-4,
+    }
+    preset_by_dataset: dict[str, dict[str, Any]] = {"ade": dict(PLOP.preset_by_dataset["ade"])}
+
+    def __init__(self, opts, task):
+        super().__init__(opts, task)
+        self.distance = opts.mask_distance
+        self.mask_mode = opts.mask_mode
+        self.mcd_factor = float(opts.mcd_factor)
+        self.mcd_groups = int(opts.mcd_groups)
+        self.alpha_gn = float(opts.adaptive_alpha)
+        self.beta_gn = float(opts.adaptive_beta)
+        self.gamma_gn = float(opts.adaptive_gamma)
+        self.ce_factor = float(opts.ce_factor)
+        self.new_over_old = task.n_new / task.n_old if task.n_old else 0.0
+        if self.incremental and (self.pod is None or not self.pod_logits):
+            raise ConfigError("LSKD distils six layers: pass --pod local --pod_logits (or use the LSKD preset)")
+        if self.incremental and (self.mask_mode is None or (self.mask_mode != "gt" and self.distance is None)):
+            raise ConfigError("LSKD needs its masks: pass --mask_mode (--sigmoid) and --mask_distance (--dis), "
+                              "e.g. --dis cos --sigmoid whc (or use the LSKD preset)")
+        if self.mcd_groups < 1:
+            raise ConfigError(f"--mcd_groups must be >= 1, got {self.mcd_groups}")
+        self.loss_weights = nn.Parameter(torch.ones(len(TERMS)))
+        self.initial_losses: Optional[Tensor] = None
+        self.initial_frozen = False
+        self._weight_grad: Optional[Tensor] = None
+        self._shared: Optional[list[Tensor]] = None
+        self._teacher_model: Optional[nn.Module] = None
+        self._autocast: Callable = contextlib.nullcontext
+        self._all_reduce: Callable[[Tensor], Tensor] = lambda t: t
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.incremental
+
+    # --- optimisation of w ------------------------------------------------------------------
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        """The model's groups plus w (step > 0), with lr and weight decay like the reference's
+        head group, which held w."""
+        groups = super().param_groups(model, lr)
+        if self.incremental:
+            self.loss_weights.data = self.loss_weights.data.to(next(model.parameters()).device)
+            groups.append({"params": [self.loss_weights], "lr": lr, "weight_decay": self.opts.weight_decay})
+        return groups
+
+    def before_step(self, ctx: StepContext) -> None:
+        super().before_step(ctx)
+        if not self.incremental:
+            return
+        if ctx.teacher is None:
+            raise RuntimeError(f"LSKD needs ctx.teacher at step {self.step}")
+        self._teacher_model, self._autocast, self._all_reduce = ctx.teacher, ctx.autocast, ctx.all_reduce
+        self._shared = shared_parameters(ctx.model)
+
+    def after_backward(self, model: nn.Module) -> None:
+        """Replace w's gradient by the weight objective's, averaged over ranks."""
+        super().after_backward(model)
+        if self._weight_grad is None:
+            return
+        packed = torch.cat([self._weight_grad, self._weight_grad.new_ones(1)])
+        self._all_reduce(packed)
+        self.loss_weights.grad = (packed[:-1] / packed[-1]).to(self.loss_weights.dtype)
+        self._weight_grad = None
+
+    def after_epoch(self, ctx: StepContext, epoch: int) -> None:
+        """Fix L(0) after the first epoch; renormalise w <- n w / sum(w) (reference run.py)."""
+        super().after_epoch(ctx, epoch)
+        if not self.incremental:
+            return
+        self.initial_frozen = self.initial_losses is not None
+        with torch.no_grad():
+            self.loss_weights.mul_(len(TERMS) / self.loss_weights.sum())
+
+    # --- the loss ---------------------------------------------------------------------------
+    def loss(self, batch: dict, out: dict, teacher_out: Optional[dict]) -> dict[str, Tensor]:
+        if not self.incremental:
+            return super().loss(batch, out, teacher_out)
+        teacher = self._teacher(teacher_out)
+        if self._teacher_model is None:
+            raise RuntimeError("LSKD needs before_step(ctx) before its first loss")
+        labels, weight = self.targets(batch["label"], teacher)
+        classification = self._classification(out["logits"], labels, weight)
+        extra = self._distillation(out, teacher)
+        kd = extra.pop("unkd", None)
+        kd = extra.pop("kd", kd)
+        pod_terms, mcd = self.masked_distillation(batch["image"], labels, out, teacher)
+        task = [self.ce_factor * sum(classification.values()), mcd,
+                kd if kd is not None else out["logits"].new_zeros(()), *pod_terms]
+        losses = torch.stack([t.float() for t in task])
+        self._update_weight_grad(task, losses.detach())
+        terms = {name: w * value for name, w, value in zip(TERMS, self.loss_weights, task)}
+        terms.update(extra)
+        if self.regularizer is not None:
+            penalty = self.regularizer.penalty()
+            if penalty is not None:
+                terms["reg"] = penalty
+        return terms
+
+    def masked_distillation(self, images: Tensor, labels: Tensor, out: dict,
+                            teacher: dict) -> tuple[list[Tensor], Tensor]:
+        """MD terms lambda_l * mean_b d_l for the six layers, and the MCD term (module docstring)."""
+        a_layers = distilled_layers(teacher, True)
+        b_layers = distilled_layers(out, True, self.n_old)
+        c_layers = d_layers = [None] * len(a_layers)
+        if self.mask_mode != "gt":
+            with torch.no_grad(), self._autocast():
+                blanked = self._teacher_model(blank_regions(images, labels, self.n_old))
+            both = distilled_layers(blanked, True)
+            c_layers = [t[: len(images)] for t in both]
+            d_layers = [t[len(images):] for t in both]
+        pod_terms, mcd = [], out["logits"].new_zeros(())
+        last = len(a_layers) - 1
+        for layer, (a, b, c, d, factor) in enumerate(zip(a_layers, b_layers, c_layers, d_layers, self.pod_factors)):
+            if layer >= MASKED_FROM_LAYER:
+                spatial, channel = region_masks(a, c, d, labels, self.n_old, self.distance, self.mask_mode,
+                                                channels=layer < last)
+                mask = spatial if channel is None else spatial * channel
+                a, b = a * mask, b * mask
+            if layer == MCD_LAYER and self.mcd_factor > 0:
+                mcd = self.mcd_factor * context_distance(a, b, self.mcd_groups).mean()
+            pod_terms.append(factor * pod_distance(a, b, self.spp_scales, self.pod_prepro).mean())
+        return pod_terms, mcd
+
+    def _update_weight_grad(self, task: Sequence[Tensor], losses: Tensor) -> None:
+        """L(0) bookkeeping and the gradient w gets in :meth:`after_backward`."""
+        if self._shared is None:
+            raise RuntimeError("LSKD needs before_step(ctx) before its first loss")
+        if not self.initial_frozen or self.initial_losses is None:
+            self.initial_losses = losses  # epoch 0: ratios are 1 (the reference's L(0) update)
+        grad_means = mean_gradients(task, self._shared).to(losses.device)
+        self._weight_grad = gradnorm_weight_grad(
+            self.loss_weights, grad_means, losses, self.initial_losses, self.alpha_gn, self.beta_gn,
+            self.gamma_gn, self.new_over_old)
+
+    # --- persistence ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "loss_weights": self.loss_weights.detach().cpu().clone()}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        """w from the previous step; a PLOP step-0 checkpoint has none, so w starts at ones
+        (the reference loaded it non-strictly for the same reason)."""
+        super().load_state_dict(state)
+        weights = (state or {}).get("loss_weights")
+        if weights is not None:
+            if weights.shape != self.loss_weights.shape:
+                raise MethodStateError(f"the step {self.step - 1} checkpoint holds {weights.numel()} LSKD loss "
+                                       f"weights, {len(TERMS)} are expected; use a checkpoint trained with this code")
+            with torch.no_grad():
+                self.loss_weights.copy_(weights.to(self.loss_weights.device))

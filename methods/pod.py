@@ -1,0 +1,109 @@
+"""Pooled-output distillation (POD), the feature-distillation half of PLOP.
+
+Douillard et al., "PLOP: Learning without Forgetting for Continual Semantic Segmentation",
+CVPR 2021, Eq. 2-4 ("Local POD"); the code analysed in reference/mib_plop.md §4.9
+(``features_distillation`` / ``_local_pod``) and recent_methods.md §1.  LSKD (recent_methods.md
+§6.2) reuses these pieces with masks, so every step is a function of its own.
+
+Two deliberate differences from the reference code, neither changing its numbers on the square
+crops it was run on:
+
+* the reference cuts every axis with ``k = W // s`` (the *width*), which assumes square maps;
+  :func:`local_pod_embedding` uses ``H // s`` for rows and ``W // s`` for columns, so non-square
+  maps (full-image evaluation, non-square crops) work;
+* the embedding is linear, so the distance ``||Phi(a) - Phi(b)||`` is computed as
+  ``||Phi(a - b)||`` (one embedding instead of two, same value up to rounding).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from utils.errors import ConfigError
+
+# ``--pod_prepro``: elementwise transform applied to both maps before pooling (reference
+# ``prepro``; PLOP uses "pow", i.e. squared activations, paper Eq. 2).
+PREPRO: dict[str, Callable[[Tensor], Tensor]] = {
+    "pow": lambda x: x.pow(2),
+    "abs": torch.abs,
+    "relu": F.relu,
+    "none": lambda x: x,
+}
+
+
+def local_pod_embedding(x: Tensor, scales: Sequence[int]) -> Tensor:
+    """Phi(x) of Local POD (PLOP Eq. 3): width- and height-pooled profiles of an s x s grid.
+
+    For every scale s the map is cut into s x s cells of ``H // s`` rows and ``W // s`` columns
+    (trailing rows/columns that do not fill a cell are dropped, as in the reference); each cell
+    contributes its mean over columns (a C x rows profile) and its mean over rows (a C x columns
+    profile).  Returns (B, D) with D = C * sum_s s^2 (H // s + W // s) -- 14 C W for a square
+    map and scales 1, 2, 4.  No normalisation: the reference forces ``normalize=False``.
+    """
+    b, c, h, w = x.shape
+    parts = []
+    for s in scales:
+        rows, cols = h // s, w // s
+        if rows == 0 or cols == 0:
+            raise ConfigError(
+                f"a distilled {h}x{w} feature map is smaller than the POD scale {s}; "
+                "use a larger --crop_size or smaller --spp_scales")
+        cells = x[:, :, : s * rows, : s * cols].reshape(b, c, s, rows, s, cols)
+        parts.append(cells.mean(dim=5).flatten(1))  # mean over columns: profile along rows
+        parts.append(cells.mean(dim=3).flatten(1))  # mean over rows: profile along columns
+    return torch.cat(parts, dim=1)
+
+
+def pod_distance(a: Tensor, b: Tensor, scales: Sequence[int], prepro: str = "pow") -> Tensor:
+    """Per-image Local POD distance ||Phi(f(a)) - Phi(f(b))||_2 (PLOP Eq. 4), shape (B,).
+
+    ``a`` is the teacher map, ``b`` the student map (same shape), f the ``--pod_prepro``
+    transform; the Frobenius norm runs over the whole embedding of one image.
+    """
+    f = PREPRO[prepro]
+    return local_pod_embedding(f(a) - f(b), scales).norm(dim=1)
+
+
+def collapse_new_logits(student_logits: Tensor, n_old: int) -> Tensor:
+    """Student logits with the new-class channels summed into background (reference
+    ``extra_channels="sum"``): b~_0 = b_0 + sum_{c >= n_old} b_c, b~_c = b_c for 0 < c < n_old.
+
+    Raw logits are summed, not probabilities, exactly as in PLOP's code (mib_plop.md §4.9).
+    """
+    background = student_logits[:, :1] + student_logits[:, n_old:].sum(dim=1, keepdim=True)
+    return torch.cat([background, student_logits[:, 1:n_old]], dim=1)
+
+
+def distilled_layers(out: dict, with_logits: bool, n_old: Optional[int] = None) -> list[Tensor]:
+    """The maps PLOP distils, in the reference order: the four stage pre-activations, the head
+    output and (``--pod_logits``) the stride-16 logits.  Pass ``n_old`` for the student so that
+    its logits are collapsed to the teacher's channels.  Everything is cast to fp32.
+    """
+    layers = [t.float() for t in out["stages"]] + [out["pre_logits"].float()]
+    if with_logits:
+        logits = out["logits_small"].float()
+        layers.append(collapse_new_logits(logits, n_old) if n_old is not None else logits)
+    return layers
+
+
+def pod_schedule(n_seen: int, n_new: int) -> float:
+    """sqrt(N_seen / N_new): PLOP's adaptive POD weight (paper §3.3, ``use_pod_schedule``)."""
+    return math.sqrt(n_seen / n_new)
+
+
+def pod_loss(teacher_layers: Sequence[Tensor], student_layers: Sequence[Tensor],
+             factors: Sequence[float], scales: Sequence[int], prepro: str = "pow",
+             schedule: float = 1.0) -> Tensor:
+    """L_POD = (1/L) sum_l lambda_l * schedule * mean_batch d_l (mib_plop.md §4.9 "Total").
+
+    Layers whose factor is <= 0 are skipped but still count in L, as in the reference.
+    """
+    total = student_layers[0].new_zeros(())
+    for a, b, factor in zip(teacher_layers, student_layers, factors, strict=True):
+        if factor > 0:
+            total = total + factor * schedule * pod_distance(a, b, scales, prepro).mean()
+    return total / len(student_layers)
