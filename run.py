@@ -17,11 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler, Sampler
 
 from argparser import parse_args, per_step, run_dir
 from dataset import build_datasets
+from dataset import memory
 from dataset.errors import DataError
+from dataset.incremental import IncrementalSegmentation
+from dataset.transforms import eval_transform
 from dataset.tasks import Task, TaskError
 from methods.base import MethodStateError
 from metrics import incremental_scores
@@ -122,6 +125,30 @@ def build_model(opts, task: Task, info: DistInfo, pretrained: bool):
     return model
 
 
+def exemplar_memory(opts, info: DistInfo, task: Task, teacher, directory: Path, train_ds):
+    """DKD-M (recent_methods.md §5.4): add a class-balanced memory of earlier images to the step.
+
+    Candidates are the step t-1 training images (classes found with the teacher) plus the step
+    t-1 memory; the chosen list is saved as JSON in the run directory, so a rerun reuses it.
+    Memory labels go through the current step's table: old classes read as background.
+    """
+    path = memory.memory_path(directory, task.step)
+    if not path.is_file():
+        prev = build_datasets(opts, task.at(task.step - 1))[0]
+        prev = IncrementalSegmentation(prev.source, prev.indices, eval_transform(opts.crop_size, True), prev.lut,
+                                       prev.presence)
+        presence = memory.candidate_presence(teacher, prev, info.device, opts.val_batch_size)
+        previous = memory.load_memory(memory.memory_path(directory, task.step - 1)) if task.step > 1 else None
+        seed = opts.random_seed + task.step
+        indices, rows = memory.build_memory((prev.indices, presence), previous,
+                                            [c for c in task.old_classes if c], opts.mem_size, seed)
+        if info.is_main:
+            memory.save_memory(path, task.step, indices, rows, seed)
+        barrier()
+    indices, rows = memory.load_memory(path)
+    return ConcatDataset([train_ds, memory.memory_dataset(train_ds, indices, rows)])
+
+
 # --- one step -----------------------------------------------------------------------------------
 def previous_checkpoint(opts, step: int, index: int, directory: Path):
     path = Path(opts.step_ckpt) if (opts.step_ckpt and index == 0) else directory / f"step-{step - 1}.pth"
@@ -139,7 +166,6 @@ def train_one_step(opts, info: DistInfo, task: Task, index: int, directory: Path
         check_checkpoint(prev, task.at(step - 1), prev_path)
 
     train_ds, val_ds, _ = build_datasets(opts, task)
-    loader = train_loader(train_ds, opts, info)
     val = eval_loader(val_ds, opts, info)
 
     method = opts.method_cls(opts, task)
@@ -152,6 +178,9 @@ def train_one_step(opts, info: DistInfo, task: Task, index: int, directory: Path
         teacher = build_model(opts, task.at(step - 1), info, pretrained=False)
         load_weights(teacher, prev["model"], prev_path)
         teacher.eval().requires_grad_(False)
+        if getattr(opts, "mem_size", 0):
+            train_ds = exemplar_memory(opts, info, task, teacher, directory, train_ds)
+    loader = train_loader(train_ds, opts, info)
 
     student = model
     if info.enabled:
