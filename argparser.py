@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fix_bn", action="store_true", help="freeze normalisation layers")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", nargs="+", type=int, default=[30], help="per step; the last value repeats")
-    g.add_argument("--lr", nargs="+", type=float, default=[0.007], help="per step; the last value repeats")
+    g.add_argument("--epochs", nargs="+", type=int, default=[30], help="per step (value k for step k); the last value repeats")
+    g.add_argument("--lr", nargs="+", type=float, default=[0.007], help="per step (value k for step k); the last value repeats")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight_decay", type=float, default=1e-4)
     g.add_argument("--lr_power", type=float, default=0.9, help="poly schedule power (per iteration)")
@@ -203,9 +203,13 @@ def parse_args(argv=None):
     return opts
 
 
-def per_step(values: list, index: int):
-    """Value for the index-th requested step; the last value repeats (``--lr 0.01 0.001``)."""
-    return values[min(index, len(values) - 1)]
+def per_step(values: list, step: int):
+    """Value of a per-step flag for step ``step``; the last value repeats.
+
+    ``--lr 0.01 0.001`` means 0.01 at step 0 and 0.001 at every later step, whichever steps a
+    command runs, so per-step launches (``--step 3``) and ``--step all`` agree.
+    """
+    return values[min(step, len(values) - 1)]
 
 
 def run_dir(opts) -> Path:

@@ -189,8 +189,8 @@ def train_one_step(opts, info: DistInfo, task: Task, index: int, directory: Path
     if opts.compile:
         student = torch.compile(student)
 
-    epochs = per_step(opts.epochs, index)
-    lr = per_step(opts.lr, index)
+    epochs = per_step(opts.epochs, step)
+    lr = per_step(opts.lr, step)
     trainer = Trainer(student, teacher, method, opts, info.device, lr, len(loader), epochs,
                       logger=logger, is_main=info.is_main)
     partial = directory / f"step-{step}.last.pth"
