@@ -148,7 +148,7 @@ def voc_folder(n_images: int) -> Path:
     for name in names:
         Image.fromarray(data["rgb"]).save(voc / "JPEGImages" / f"{name}.jpg", quality=95)
         lab = Image.fromarray(label, mode="P")
-        lab.putpalette(voc_palette().flatten().tolist())
+        lab.putpalette(list(np.asarray(voc_palette(), dtype=np.uint8).reshape(-1)))
         lab.save(voc / "SegmentationClassAug" / f"{name}.png")
     for split in ("train_aug", "val"):
         (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(names) + "\n")
@@ -215,7 +215,7 @@ def main(argv=None):
     def report(kind, what, crop, precision, value, unit, lower_is_better, extra=None):
         # The reference was measured in fp32 on ResNet-101; --amp rows are compared with it too.
         full_size = args.backbone == "resnet101" and args.width == 1
-        ref = REFERENCE.get((kind, what, crop)) if full_size else None
+        ref = REFERENCE.get((kind, what, crop)) if full_size or kind == "pipeline_img_s" else None
         row = {"kind": kind, "what": what, "crop": crop, "precision": precision, "value": value, "unit": unit,
                "reference": ref, **(extra or {})}
         rows.append(row)
