@@ -130,10 +130,26 @@ def test_test_without_checkpoint(tmp_path):
     assert_user_error(proc, "--test needs the checkpoint", "--ckpt")
 
 
+def make_shapes(root: Path, train: int, val: int) -> None:
+    subprocess.run([sys.executable, str(ROOT / "data" / "make_shapes.py"), "--root", str(root), "--train", str(train),
+                    "--val", str(val), "--size", "48"], check=True, capture_output=True,
+                   env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def test_shapes_written_to_disk_train_through_the_voc_loader(tmp_path):
+    root = tmp_path / "voc"
+    make_shapes(root, 96, 40)
+    proc = cli(*MODEL, "--dataset", "voc", "--data_root", str(root), "--task", "15-1", "--overlap", "--step", "0", "1",
+               "--logdir", str(tmp_path / "r"))
+    assert proc.returncode == 0, proc.stderr
+    lines = (tmp_path / "r" / "voc" / "15-1-ov" / "FT" / "results.jsonl").read_text().splitlines()
+    assert [json.loads(l)["dataset"] for l in lines] == ["voc", "voc"]
+    assert list(root.rglob("*.npy")) or list(root.rglob(".cache/*")), "presence index cached under the data root"
+
+
 def test_corrupt_image_names_the_file(tmp_path):
     root = tmp_path / "voc"
-    subprocess.run([sys.executable, str(ROOT / "data" / "make_shapes.py"), "--root", str(root), "--train", "24",
-                    "--val", "8", "--size", "48"], check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    make_shapes(root, 24, 8)
     images = sorted((root / "VOC2012" / "JPEGImages").glob("*.jpg"))
     bad = images[3]
     bad.write_bytes(b"not a jpeg at all")
