@@ -45,3 +45,66 @@ def confusion_figure(matrix, names: Sequence[str] | None = None):
         ax.set_yticks(range(n), [names[i] for i in range(n)], fontsize=6)
     fig.tight_layout()
     return fig
+
+
+# --- aggregation over runs (python -m metrics.report RESULTS.jsonl ...) ------------------------------
+def load_results(paths) -> list[dict]:
+    import json
+
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            rows += [json.loads(line) for line in f if line.strip()]
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One row per run (dataset, task, protocol, name): the last step's scores plus PLOP's
+    *avg*, the mean of the per-step mIoU over all steps of the run (reference §5)."""
+    runs: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        key = (r["dataset"], r["task"], "ov" if r["overlap"] else "dj", r["name"])
+        runs.setdefault(key, {})[r["step"]] = r  # a later line of the same step wins
+    table = []
+    for (dataset, task, protocol, name), steps in runs.items():
+        last = steps[max(steps)]
+        table.append({"dataset": dataset, "task": task, "protocol": protocol, "name": name,
+                      "method": last["method"], "steps": len(steps), "last_step": last["step"],
+                      "miou_old": last["miou_old"], "miou_new": last["miou_new"], "miou_all": last["miou_all"],
+                      "hiou": last["hiou"], "avg": sum(s["miou_all"] for s in steps.values()) / len(steps)})
+    return table
+
+
+def markdown(table: list[dict]) -> str:
+    lines = ["| setting | method | run | old | new | all | hIoU | avg |", "|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        setting = f"{r['dataset']} {r['task']} {r['protocol']} (step {r['last_step']})"
+        lines.append(f"| {setting} | {r['method']} | {r['name']} | " +
+                     " | ".join(_pct(r[k]).strip() for k in ("miou_old", "miou_new", "miou_all", "hiou", "avg")) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(table: list[dict], path) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Markdown table (and CSV) of old/new/all mIoU, hIoU and avg over runs.")
+    p.add_argument("results", nargs="+", help="results.jsonl files")
+    p.add_argument("--csv", default=None, help="also write the table as CSV")
+    args = p.parse_args(argv)
+    table = summarise(load_results(args.results))
+    print(markdown(table))
+    if args.csv and table:
+        write_csv(table, args.csv)
+
+
+if __name__ == "__main__":
+    main()
