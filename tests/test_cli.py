@@ -185,3 +185,38 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, ca
     partial = torch.load(run_dir / "step-0.last.pth", weights_only=False)
     assert partial["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in partial["model"].values() if v.is_floating_point())
+
+
+def test_interrupted_step_resumes_from_last_epoch(tmp_path, monkeypatch, capsys):
+    import run
+    from train import Trainer
+
+    args = [*TINY, "--task", "15-1", "--overlap", "--method", "FT", "--step", "0", "--epochs", "3",
+            "--logdir", str(tmp_path)]
+    original = Trainer.train_epoch
+
+    def interrupted(self, loader, epoch, progress=None):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, loader, epoch, progress)
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
+    assert run.main(args) == 130
+    run_dir = tmp_path / "shapes" / "15-1-ov" / "FT"
+    partial = torch.load(run_dir / "step-0.last.pth", weights_only=False)
+    assert partial["epoch"] == 1 and not (run_dir / "step-0.pth").exists()
+
+    epochs_run = []
+
+    def counting(self, loader, epoch, progress=None):
+        epochs_run.append(epoch)
+        return original(self, loader, epoch, progress)
+
+    monkeypatch.setattr(Trainer, "train_epoch", counting)
+    capsys.readouterr()
+    assert run.main(args) == 0
+    assert epochs_run == [2]
+    assert "resuming from" in capsys.readouterr().out
+    assert (run_dir / "step-0.pth").exists() and not (run_dir / "step-0.last.pth").exists()
+    assert torch.load(run_dir / "step-0.pth", weights_only=False)["trainer"]["iteration"] == \
+        3 * partial["trainer"]["iteration"] // 2
