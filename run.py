@@ -30,7 +30,7 @@ from methods.base import MethodStateError
 from metrics import incremental_scores
 from metrics.report import class_table, confusion_figure, summary_header, summary_row
 from segmentation_module import PretrainedWeightsError, make_model
-from train import Precision, Timer, Trainer, evaluate, unwrap
+from train import Timer, Trainer, evaluate, unwrap
 from utils import checkpoint
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed
 from utils.errors import CheckpointError, UserError

@@ -27,7 +27,6 @@ import torch  # noqa: E402
 
 from argparser import parse_args  # noqa: E402
 from dataset.tasks import Task  # noqa: E402
-from methods.base import StepContext  # noqa: E402
 from segmentation_module import make_model  # noqa: E402
 from train import Precision, Trainer, evaluate  # noqa: E402
 

@@ -1,16 +1,13 @@
 """One DDP iteration on 2 gloo processes x 2 images == 1 process on the same 4 images."""
-import os
-import socket
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dataset.tasks import Task
 from methods import get_method_class
 from segmentation_module import make_model
 from train import Trainer
+from gloo import run_on_gloo
 
 
 def _opts():
@@ -43,27 +40,15 @@ def _one_iteration(rank: int, world: int, group) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _worker(rank, world, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        state = _one_iteration(rank, world, dist.group.WORLD)
-        if rank == 0:
-            torch.save(state, out_path)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank, world, out_path):
+    state = _one_iteration(rank, world, dist.group.WORLD)
+    if rank == 0:
+        torch.save(state, out_path)
 
 
 def test_two_processes_match_one(tmp_path):
     out = tmp_path / "ddp.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    run_on_gloo(_worker, 2, str(out))
     two = torch.load(out)
     one = _one_iteration(0, 1, None)
     assert one.keys() == two.keys()

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import copy
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from gloo import run_on_gloo
 from modules.norm import (
     ABN,
     BatchNormAct,
@@ -186,26 +185,15 @@ def _run_layer(layer: InPlaceABNSync, x: torch.Tensor, grad_out: torch.Tensor) -
             "mean": layer.running_mean.clone(), "var": layer.running_var.clone()}
 
 
-def _sync_worker(rank: int, port: int, out_dir: str) -> None:
+def _sync_worker(rank: int, world: int, out_dir: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        x, grad_out, w, b = _inputs()
-        layer = InPlaceABNSync(C, group=dist.group.WORLD)
-        _set(layer, w, b)
-        part = slice(2 * rank, 2 * rank + 2)
-        result = _run_layer(layer, x[part], grad_out[part])
-        torch.save(result, f"{out_dir}/rank{rank}.pt")
-        dist.barrier()  # no rank tears its connections down while the other still uses them
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    x, grad_out, w, b = _inputs()
+    layer = InPlaceABNSync(C, group=dist.group.WORLD)
+    _set(layer, w, b)
+    part = slice(2 * rank, 2 * rank + 2)
+    result = _run_layer(layer, x[part], grad_out[part])
+    torch.save(result, f"{out_dir}/rank{rank}.pt")
 
 
 def test_sync_two_gloo_processes_equal_one_process_on_all_samples(tmp_path):
@@ -218,7 +206,7 @@ def test_sync_two_gloo_processes_equal_one_process_on_all_samples(tmp_path):
     expected = {"y": y.detach(), "dx": xr.grad, "dw": ref.weight.grad * torch.where(w < 0, -1.0, 1.0),
                 "db": ref.bias.grad, "mean": ref.running_mean, "var": ref.running_var}
 
-    mp.start_processes(_sync_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    run_on_gloo(_sync_worker, 2, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), expected["y"])

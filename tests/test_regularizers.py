@@ -204,7 +204,7 @@ def test_rw_path_score_every_k_iterations_and_saved_average():
     reg.load_previous({"name": "rw", "fisher": prev_fisher, "score": prev_score})
     reg.start(student, teacher)
     n, m = "cls.0.weight", "cls.1.weight"  # an old and a new parameter
-    p_old, p_new = student.cls[0].weight, student.cls[1].weight
+    p_new = student.cls[1].weight
     history = []  # (theta, grad, fisher before update) per iteration
     fisher = {n: prev_fisher[n].clone(), m: torch.ones_like(p_new)}
     for it in range(5):

@@ -2,14 +2,13 @@
 method state, and a 2-process run where thresholds and prototypes agree across ranks."""
 import math
 import os
-import socket
 import types
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo import run_on_gloo
 from torch import nn
 
 from dataset.tasks import Task
@@ -204,29 +203,17 @@ def _shard(rank, world):
     return [(images[i:i + 2], labels[i:i + 2]) for i in range(2 * rank, 8, 2 * world)]
 
 
-def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        def all_reduce(t):
-            dist.all_reduce(t)
-            return t
+def _worker(rank, world, out_dir):
+    def all_reduce(t):
+        dist.all_reduce(t)
+        return t
 
-        # thresholds need the batches twice (two modes), so materialise the shard
-        torch.save(_statistics(_shard(rank, world), all_reduce), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # thresholds need the batches twice (two modes), so materialise the shard
+    torch.save(_statistics(_shard(rank, world), all_reduce), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_on_gloo(_worker, 2, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     single = _statistics(_shard(0, 1), lambda t: t)
     for key in single:

@@ -1,16 +1,14 @@
 """SDR (recent_methods.md §2): loss terms against plain loops, prototype running means (also over
 2 gloo processes), the reference-quirk variants, state across steps."""
 import argparse
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dataset.tasks import Task
 from methods import MethodStateError, StepContext, classic, sdr
+from gloo import run_on_gloo
 
 
 def _opts(preset=True, **kw):
@@ -105,22 +103,16 @@ def test_quirk_drops_the_first_class_present_instead_of_background():
     assert method.counts.tolist()[:3] == [0, 0, 1]
 
 
-def _ddp_worker(rank, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    try:
-        method = sdr.SDR(_opts(), Task("voc", "15-5", 0))
-        method.before_step(StepContext(model=None, teacher=None, train_loader=None, device=torch.device("cpu"),
-                                       task=method.task, opts=method.opts, all_reduce=_sum_over_ranks))
-        for seed in (0, 1):
-            f, y = _rand(2, 3, 2, 4, seed=seed), (LABELS if seed == 0 else LABELS.flip(0))
-            shard = slice(rank, rank + 1)
-            out = {"logits": _rand(2, 16, 2, 4, seed=7)[shard], "body": f[shard]}
-            method.loss({"label": y[shard]}, out, None)
-        torch.save(method.state_dict(), f"{out_path}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank, world, out_path):
+    method = sdr.SDR(_opts(), Task("voc", "15-5", 0))
+    method.before_step(StepContext(model=None, teacher=None, train_loader=None, device=torch.device("cpu"),
+                                   task=method.task, opts=method.opts, all_reduce=_sum_over_ranks))
+    for seed in (0, 1):
+        f, y = _rand(2, 3, 2, 4, seed=seed), (LABELS if seed == 0 else LABELS.flip(0))
+        shard = slice(rank, rank + 1)
+        out = {"logits": _rand(2, 16, 2, 4, seed=7)[shard], "body": f[shard]}
+        method.loss({"label": y[shard]}, out, None)
+    torch.save(method.state_dict(), f"{out_path}.{rank}")
 
 
 def _sum_over_ranks(t):
@@ -128,15 +120,9 @@ def _sum_over_ranks(t):
     return t
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_prototypes_over_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     out = str(tmp_path / "proto")
-    mp.spawn(_ddp_worker, args=(_free_port(), out), nprocs=2, join=True)
+    run_on_gloo(_ddp_worker, 2, out)
     states = [torch.load(f"{out}.{r}") for r in (0, 1)]
     torch.testing.assert_close(states[0]["prototypes"], states[1]["prototypes"])
     assert torch.equal(states[0]["count_features"], states[1]["count_features"])
