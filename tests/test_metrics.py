@@ -46,3 +46,13 @@ def test_old_new_all_hiou():
 def test_step0_has_no_new():
     r = incremental_scores([0.5, 0.7], [0, 1], [])
     assert math.isclose(r["miou_old"], 0.6) and math.isnan(r["miou_new"]) and math.isnan(r["hiou"])
+
+
+def test_eval_shards_cover_every_image_once():
+    from run import ShardSampler
+
+    size, world = 11, 4  # not a multiple: DistributedSampler would pad and count images twice
+    shards = [list(ShardSampler(size, rank, world)) for rank in range(world)]
+    flat = sorted(i for s in shards for i in s)
+    assert flat == list(range(size))
+    assert [len(s) for s in shards] == [3, 3, 3, 2]
