@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# LSKD on ADE20K 100-10 overlapped; hyper-parameters and sources in scripts/README.md.
+# No published ADE flags: PLOP's ADE recipe.
+source "$(dirname "$0")/../lib.sh"
+run_steps ade 100-10 LSKD 24 --overlap --lr 0.01 0.001 --epochs 60 "$@"

@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# DKD-M on VOC 15-1 overlapped; hyper-parameters and sources in scripts/README.md.
+source "$(dirname "$0")/../lib.sh"
+run_steps voc 15-1 DKD-M 32 --overlap --lr 0.001 0.0001 --epochs 60 "$@"

@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# REMINDER on VOC 15-1 overlapped; hyper-parameters and sources in scripts/README.md.
+source "$(dirname "$0")/../lib.sh"
+run_steps voc 15-1 REMINDER 16 --overlap --lr 0.01 0.001 --epochs 30 "$@"
