@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from metrics.plots import plot_class_iou_heatmap, plot_miou_per_step  # noqa: E402
 from metrics.report import load_results, markdown, summarise, write_csv  # noqa: E402
 
 METHODS = ["FT", "LwF", "LwF-MC", "ILT", "EWC", "RW", "PI", "MiB", "PLOP", "SDR", "REMINDER", "LGKD", "LSKD",
@@ -56,7 +57,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--logdir", default="runs/leaderboard")
-    p.add_argument("--out", default="results/leaderboard", help="folder for results.jsonl, table.md, table.csv")
+    p.add_argument("--out", default="results/leaderboard",
+                   help="folder for results.jsonl, table.md, table.csv and the plots")
     args, extra = p.parse_known_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +70,10 @@ def main(argv=None):
     for method in methods:
         minutes[method] = run(method, Path(args.logdir), results, extra) / 60
         print(f"{method}: {minutes[method]:.1f} min", flush=True)
-    table = [r for r in summarise(load_results([results])) if r["name"] in methods]
+    rows = [r for r in load_results([results]) if r["name"] in methods]
+    plot_miou_per_step(rows, out / "miou_per_step.png")
+    plot_class_iou_heatmap(rows, out / "class_iou.png")
+    table = [r for r in summarise(rows) if r["name"] in methods]
     text = markdown(table)
     (out / "table.md").write_text(text + "\n")
     write_csv(table, out / "table.csv")
