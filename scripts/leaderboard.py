@@ -29,6 +29,11 @@ METHODS = ["FT", "LwF", "LwF-MC", "ILT", "EWC", "RW", "PI", "MiB", "PLOP", "SDR"
 SHARES_FT_STEP0 = {"LwF", "ILT", "MiB", "PLOP", "LGKD", "LSKD"}
 # Settings that differ from the demo's, with the reason.
 EXTRA_FLAGS = {
+    # PLOP repo's importance 100 instead of MiB's 500: at this lr, 2*lr*500 puts the penalty's
+    # curvature past Nesterov SGD's stability bound, the weights oscillate and the penalty grows
+    # within each step (measured: reg 38 -> 423 over step 1), ending with all-background output.
+    "EWC": ["--reg_importance", "100"],
+    "PI": ["--reg_importance", "100"],
     # DKD trains head and classifiers at 10x the base lr (§5.3); the reference uses a 10x lower lr.
     "DKD": ["--lr", "0.002", "0.0002"],
     "DKD-M": ["--lr", "0.002", "0.0002"],
