@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -51,6 +52,9 @@ def plot_miou_per_step(rows: Sequence[dict], path) -> Figure:
     """Two panels, mIoU of all classes and of the old ones (%) against the step, one line per run."""
     fig = _figure(11, 4)
     axes = fig.subplots(1, 2, sharey=True)
+    palette = matplotlib.colormaps["tab20"].colors  # distinct colours for up to 20 runs
+    for ax in axes:
+        ax.set_prop_cycle(color=palette)
     for label, steps in _runs(rows).items():
         order = sorted(steps)
         for ax, key in zip(axes, ("miou_all", "miou_old")):
@@ -61,7 +65,7 @@ def plot_miou_per_step(rows: Sequence[dict], path) -> Figure:
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].set_ylabel("mIoU (%)")
-    axes[1].legend(fontsize=8, loc="best")
+    fig.legend(*axes[1].get_legend_handles_labels(), fontsize=8, loc="outside right center")
     return _save(fig, path)
 
 
