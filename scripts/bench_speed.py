@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from argparser import parse_args  # noqa: E402
 from dataset.tasks import Task  # noqa: E402
+from methods.base import StepContext  # noqa: E402
 from segmentation_module import make_model  # noqa: E402
 from train import Precision, Trainer, evaluate  # noqa: E402
 
@@ -67,6 +68,22 @@ def synthetic_batch(batch: int, crop: int, n_classes: int, seed: int = 0) -> dic
     return {"image": torch.randn(batch, 3, crop, crop, generator=g), "label": labels}
 
 
+def previous_state(opts, model, task0: Task, loader) -> dict:
+    """What the method's step 0 would leave in its checkpoint (prototypes, statistics), so that
+    stateful methods (REMINDER, SDR, EWC) can run their step 1 here."""
+    step0 = opts.method_cls(opts, task0)
+    step0.load_state_dict(None)
+    ctx = StepContext(model=model, teacher=None, train_loader=loader, device=torch.device("cpu"), task=task0,
+                      opts=opts, autocast=Precision(torch.device("cpu"), opts.amp).autocast, log=lambda *_: None)
+    step0.before_step(ctx)
+    images, labels = loader[0]
+    labels = labels.masked_fill((labels >= task0.n_seen) & (labels != 255), 0)  # step-0 masking
+    with torch.no_grad():  # one step-0 loss call: methods that gather state in loss() (SDR) do so
+        step0.loss({"image": images, "label": labels}, model(images), None)
+    step0.after_step(ctx)
+    return step0.state_dict()
+
+
 def build_step(args, method: str, crop: int, amp: bool):
     """Student and teacher of 15-1 step 1 (the incremental case the methods differ on)."""
     opts = options(args, method, amp)
@@ -78,13 +95,14 @@ def build_step(args, method: str, crop: int, amp: bool):
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last)
-    method_obj = opts.method_cls(opts, task)
-    method_obj.init_new_classifier(model)
-    trainer = Trainer(model, teacher, method_obj, opts, torch.device("cpu"), lr=0.001, iters_per_epoch=1000, epochs=1)
     batch = synthetic_batch(args.batch_size, crop, task.n_seen)
     if opts.channels_last:
         batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
     loader = [(batch["image"], batch["label"])]
+    method_obj = opts.method_cls(opts, task)
+    method_obj.load_state_dict(previous_state(opts, teacher, task.at(0), loader))
+    method_obj.init_new_classifier(model)
+    trainer = Trainer(model, teacher, method_obj, opts, torch.device("cpu"), lr=0.001, iters_per_epoch=1000, epochs=1)
     ctx = trainer.context(loader, task, log=lambda *_: None)
     method_obj.before_step(ctx)
     return opts, model, trainer, batch, ctx
@@ -229,9 +247,13 @@ def main(argv=None):
         amp = precision == "amp"
         for crop in args.crops:
             if "train" not in args.skip:
+                ft_step = None
                 for method in args.methods:
                     r = bench_train(args, method, crop, amp)
+                    ft_step = r["train_step_s"] if method == "FT" else ft_step
                     extra = {"img_s": round(r["train_img_s"], 2)}
+                    if ft_step and method != "FT":
+                        extra["x_FT"] = round(r["train_step_s"] / ft_step, 2)
                     if "outside_model_share" in r:
                         extra["outside_fwd_bwd"] = round(r["outside_model_share"], 3)
                     report("train_step_s", method, crop, precision, r["train_step_s"], "s", True, extra)
