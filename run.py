@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler, Sampler
 
 from argparser import parse_args, per_step, run_dir
-from dataset import build_datasets
+from dataset import build_datasets, class_names
 from dataset import memory
 from dataset.errors import DataError
 from dataset.incremental import IncrementalSegmentation
@@ -268,7 +268,7 @@ def test_one_step(opts, info: DistInfo, task: Task, path: Path, logger: Logger, 
         "checkpoint": str(path),
     }
     if info.is_main:
-        names = getattr(test_ds, "class_names", None)
+        names = class_names(opts.dataset)
         logger.info(class_table(scores["class_iou"], names))
         logger.info(summary_header() + "\n" + summary_row(result))
         logger.scalar("test/miou_all", result["miou_all"], task.step)

@@ -15,3 +15,10 @@ __all__ = [
     "build_datasets",
     "label_lut",
 ]
+
+
+def class_names(dataset: str) -> list[str] | None:
+    """Display names of a dataset's labels, index = class id (None for ADE20K: ids are shown)."""
+    from . import shapes, voc
+
+    return {"voc": voc.CLASS_NAMES, "shapes": shapes.CLASS_NAMES}.get(dataset)

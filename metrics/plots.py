@@ -147,13 +147,9 @@ def main(argv=None) -> None:
 
 
 def _class_names(datasets: set[str]) -> Sequence[str] | None:
-    if datasets == {"voc"}:
-        from dataset.voc import CLASS_NAMES
-        return CLASS_NAMES
-    if datasets == {"shapes"}:
-        from dataset.shapes import CLASS_NAMES
-        return CLASS_NAMES
-    return None
+    from dataset import class_names
+
+    return class_names(next(iter(datasets))) if len(datasets) == 1 else None
 
 
 if __name__ == "__main__":
