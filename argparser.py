@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test", action="store_true", help="evaluate saved checkpoints, no training")
     g.add_argument("--overwrite", action="store_true", help="retrain steps whose checkpoint already exists")
     g.add_argument("--val_interval", type=int, default=1, help="validate and checkpoint every N epochs")
+    g.add_argument("--sample_num", type=int, default=4,
+                   help="test images drawn as image | ground truth | prediction (PNG + tensorboard)")
     g.add_argument("--log_interval", type=int, default=10, help="iterations between logged losses")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--no_progress", action="store_true", help="no progress bar")

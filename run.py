@@ -247,6 +247,20 @@ def _progress_bar(opts, info: DistInfo, step: int, epoch: int, epochs: int):
                                dynamic_ncols=True, file=sys.stdout)
 
 
+@torch.no_grad()
+def save_samples(model, dataset, predict, count: int, device, path: Path):
+    """image | ground truth | prediction for the first test images, with the VOC palette."""
+    from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from dataset.voc import voc_palette
+    from metrics.plots import prediction_grid
+
+    images, labels = zip(*(dataset[i] for i in range(min(count, len(dataset)))))
+    predictions = predict(model(torch.stack(images).to(device))["logits"].float()).cpu()
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    rgb = [(image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() for image in images]
+    return prediction_grid(rgb, [l.numpy() for l in labels], list(predictions.numpy()), path, voc_palette())
+
+
 def test_one_step(opts, info: DistInfo, task: Task, path: Path, logger: Logger, seconds_before: float) -> dict:
     """Reload a saved step checkpoint and evaluate it on every class seen so far (fp32)."""
     timer = Timer()
@@ -277,6 +291,10 @@ def test_one_step(opts, info: DistInfo, task: Task, path: Path, logger: Logger, 
             logger.scalar("test/miou_new", result["miou_new"], task.step)
         logger.text(f"test/class_iou/step{task.step}", class_table(scores["class_iou"], names).replace("\n", "  \n"))
         logger.figure(f"test/confusion/step{task.step}", confusion_figure(matrix.mat, names), task.step)
+        if opts.sample_num > 0:
+            grid = save_samples(model, test_ds, method.predict, opts.sample_num, info.device,
+                                run_dir(opts) / f"samples-step{task.step}.png")
+            logger.figure(f"test/samples/step{task.step}", grid, task.step)
         results_file = Path(opts.results_file) if opts.results_file else run_dir(opts) / "results.jsonl"
         results_file.parent.mkdir(parents=True, exist_ok=True)
         with open(results_file, "a") as f:

@@ -220,3 +220,11 @@ def test_interrupted_step_resumes_from_last_epoch(tmp_path, monkeypatch, capsys)
     assert (run_dir / "step-0.pth").exists() and not (run_dir / "step-0.last.pth").exists()
     assert torch.load(run_dir / "step-0.pth", weights_only=False)["trainer"]["iteration"] == \
         3 * partial["trainer"]["iteration"] // 2
+
+
+def test_test_step_draws_sample_grid(trained):
+    from PIL import Image
+
+    _, run_dir, _ = trained
+    grid = Image.open(run_dir / "samples-step1.png")
+    assert grid.width > 0 and grid.height > grid.width  # 4 rows of image | ground truth | prediction
