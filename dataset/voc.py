@@ -58,15 +58,18 @@ _HINT = (
 )
 
 
-def read_image(path: Path) -> Image.Image:
-    """Decode an RGB image now, so that a corrupt file fails here and names itself."""
+def _decode(path: Path, what: str) -> Image.Image:
+    """Decode now, so that a corrupt file fails here and names itself."""
     try:
         image = Image.open(path)
         image.load()
     except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise DataError(
-            f"cannot read image {path}: {err}; re-download it or drop it from the split list"
-        ) from None
+        raise DataError(f"cannot read {what} {path}: {err}; re-download it or drop it from the split list") from None
+    return image
+
+
+def read_image(path: Path) -> Image.Image:
+    image = _decode(path, "image")
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -76,13 +79,7 @@ def read_label(path: Path) -> Image.Image:
     Both modes store the ids themselves; the transforms (nearest resampling, crops, flips)
     preserve them and ``np.asarray`` reads them back, so no conversion copy is needed.
     """
-    try:
-        label = Image.open(path)
-        label.load()
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise DataError(
-            f"cannot read label {path}: {err}; re-download it or drop it from the split list"
-        ) from None
+    label = _decode(path, "label")
     if label.mode not in ("P", "L"):
         raise DataError(
             f"label {path} has mode {label.mode}; labels must be palette or grayscale PNGs of "
