@@ -134,16 +134,18 @@ def bench_plop_thresholds(args, crop: int, amp: bool) -> float:
     return median_time(lambda: trainer.method.before_step(ctx), max(1, args.iters // 3), 1)
 
 
-def bench_eval(args, crop: int, amp: bool) -> float:
-    opts = options(args, "FT", amp)
+def bench_eval(args, method: str, crop: int, amp: bool) -> float:
+    """Evaluation images/s with the method's own head and prediction rule (DKD differs)."""
+    opts = options(args, method, amp)
     task = Task("shapes", "15-1", 1)
+    predict = opts.method_cls(opts, task).predict
     model = make_model(opts, task.classes_per_step)
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
     batch = synthetic_batch(4, crop, task.n_seen)
     loader = [(batch["image"], batch["label"])] * 3
     precision = Precision(torch.device("cpu"), amp)
-    t = median_time(lambda: evaluate(model, loader, task.n_seen, lambda x: x.argmax(1), torch.device("cpu"),
+    t = median_time(lambda: evaluate(model, loader, task.n_seen, predict, torch.device("cpu"),
                                      precision, opts.channels_last), max(1, args.iters // 3), 1)
     return 12 / t
 
@@ -198,6 +200,30 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak_memory() -> None:
+    """Start a new peak: Linux resets VmHWM on writing 5 to clear_refs; CUDA has its own counter."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_mb() -> dict:
+    """Peak resident memory since the last reset (CPU RSS, and CUDA max allocated on a GPU)."""
+    peak = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peak["rss_mb"] = round(int(line.split()[1]) / 1024)
+    except OSError:
+        peak["rss_mb"] = round(peak_rss_mb())
+    if torch.cuda.is_available():
+        peak["cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    return peak
+
+
 def fmt_ratio(ours: float, ref: float | None, lower_is_better: bool) -> str:
     if ref is None:
         return ""
@@ -249,9 +275,10 @@ def main(argv=None):
             if "train" not in args.skip:
                 ft_step = None
                 for method in args.methods:
+                    reset_peak_memory()
                     r = bench_train(args, method, crop, amp)
                     ft_step = r["train_step_s"] if method == "FT" else ft_step
-                    extra = {"img_s": round(r["train_img_s"], 2)}
+                    extra = {"img_s": round(r["train_img_s"], 2), **peak_memory_mb()}
                     if ft_step and method != "FT":
                         extra["x_FT"] = round(r["train_step_s"] / ft_step, 2)
                     if "outside_model_share" in r:
@@ -261,7 +288,10 @@ def main(argv=None):
                 report("plop_thresholds_s", "37 images", crop, precision, bench_plop_thresholds(args, crop, amp),
                        "s", True)
             if "eval" not in args.skip:
-                report("eval_img_s", "batch 4", crop, precision, bench_eval(args, crop, amp), "img/s", False)
+                for method in args.methods:
+                    reset_peak_memory()
+                    report("eval_img_s", "batch 4" if method == "FT" else method, crop, precision,
+                           bench_eval(args, method, crop, amp), "img/s", False, peak_memory_mb())
     if "pipeline" not in args.skip:
         root = voc_folder(args.pipeline_images)
         for crop in args.crops:

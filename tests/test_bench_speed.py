@@ -1,0 +1,23 @@
+"""The speed benchmark runs end to end (tiny model) and writes the figures it promises."""
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_writes_every_row(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "scripts" / "bench_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "speed.json"
+    bench.main(["--quick", "--methods", "FT", "PLOP", "--precision", "fp32", "--iters", "1", "--warmup", "0",
+                "--pipeline_images", "4", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    kinds = {(r["kind"], r["what"]) for r in rows}
+    assert {("train_step_s", "FT"), ("train_step_s", "PLOP"), ("eval_img_s", "batch 4"), ("eval_img_s", "PLOP"),
+            ("plop_thresholds_s", "37 images"), ("pipeline_img_s", "1 process")} <= kinds
+    train = {r["what"]: r for r in rows if r["kind"] == "train_step_s"}
+    assert train["FT"]["value"] > 0 and train["FT"]["rss_mb"] > 0
+    assert abs(train["PLOP"]["x_FT"] - train["PLOP"]["value"] / train["FT"]["value"]) < 0.01
+    assert 0 <= train["FT"]["outside_fwd_bwd"] < 1
