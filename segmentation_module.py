@@ -110,10 +110,10 @@ def check_pretrained(opts) -> Optional[Path]:
     if opts.no_pretrained:
         return None
     path = pretrained_path(opts)
-    if opts.width != 1:
+    if opts.width != 1 and not opts.pretrained:  # the ImageNet files are full width
         raise PretrainedWeightsError(
             f"--width {opts.width} changes every channel count, so ImageNet weights cannot be loaded; "
-            "pass --no_pretrained (or --width 1)")
+            "pass --no_pretrained, --width 1, or --pretrained with weights of this width")
     if not path.is_file():
         raise PretrainedWeightsError(
             f"ImageNet weights {path} are missing; download 'ResNet101 iABN sync' from the mapillary/inplace_abn "

@@ -271,8 +271,19 @@ def test_missing_pretrained_file_error(tmp_path):
     assert "mapillary/inplace_abn" in message and "PLOP" in message
 
 
-def test_width_with_pretrained_is_an_error(tmp_path):
-    path = tmp_path / "w.pth.tar"
-    path.write_bytes(b"")
+def test_width_with_imagenet_weights_is_an_error():
     with pytest.raises(PretrainedWeightsError, match="--width 0.25"):
+        make_model(_opts(width=0.25, no_pretrained=False, pretrained=None), [2])
+
+
+def test_explicit_weights_of_the_same_width_load(tmp_path):
+    donor = make_model(_opts(width=0.25), [2]).body.state_dict()
+    path = tmp_path / "narrow.pth.tar"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in donor.items()}}, path)
+    model = make_model(_opts(width=0.25, no_pretrained=False, pretrained=str(path)), [2])
+    for key, value in donor.items():
+        torch.testing.assert_close(model.body.state_dict()[key], value)
+    wide = make_model(_opts(width=0.5), [2]).body.state_dict()
+    torch.save({"state_dict": wide}, path)
+    with pytest.raises(PretrainedWeightsError, match="do not fit the body"):
         make_model(_opts(width=0.25, no_pretrained=False, pretrained=str(path)), [2])
