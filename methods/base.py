@@ -111,6 +111,11 @@ def cross_entropy_all_pixels(logits: Tensor, labels: Tensor, weight: Optional[Te
     ``weight`` (B,) optionally scales each image's pixels (PLOP's adaptive factor).
     """
     per_pixel = F.cross_entropy(logits.float(), labels.long(), ignore_index=IGNORE_INDEX, reduction="none")
+    return mean_over_pixels(per_pixel, weight)
+
+
+def mean_over_pixels(per_pixel: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+    """Mean of a (B, H, W) loss map over every pixel, each image optionally scaled by weight[b]."""
     if weight is not None:
         per_pixel = per_pixel * weight.view(-1, 1, 1)
     return per_pixel.mean()

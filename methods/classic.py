@@ -170,13 +170,14 @@ class ClassicMethod(Method):
             raise RuntimeError(f"{type(self).__name__} needs the teacher's outputs at step {self.step}")
         return teacher_out
 
-    def _classification(self, logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        """The per-pixel classification term on the current labels (§4.0-§4.3, §4.8)."""
+    def _classification(self, logits: Tensor, labels: Tensor, weight: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """The per-pixel classification term on the current labels (§4.0-§4.3, §4.8); ``weight``
+        scales each image's pixels (PLOP's adaptive factor)."""
         if self.bce:
-            return {"bce": bce_with_ignore(logits, labels)}
+            return {"bce": bce_with_ignore(logits, labels, weight)}
         if self.unce and self.n_old > 0:
-            return {"unce": unbiased_cross_entropy(logits, labels, self.n_old)}
-        return {"ce": cross_entropy_all_pixels(logits, labels)}
+            return {"unce": unbiased_cross_entropy(logits, labels, self.n_old, weight)}
+        return {"ce": cross_entropy_all_pixels(logits, labels, weight)}
 
     def _distillation(self, out: dict, teacher: dict) -> dict[str, Tensor]:
         """Terms comparing the student with the teacher's outputs (step > 0)."""

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import IGNORE_INDEX
+from .base import IGNORE_INDEX, mean_over_pixels
 
 
 def _masked_mean(per_pixel: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -59,12 +59,13 @@ def feature_distillation_mse(features: Tensor, teacher_features: Tensor) -> Tens
 # --- MiB ------------------------------------------------------------------------------------
 
 
-def unbiased_cross_entropy(logits: Tensor, labels: Tensor, n_old: int) -> Tensor:
+def unbiased_cross_entropy(logits: Tensor, labels: Tensor, n_old: int, weight: Optional[Tensor] = None) -> Tensor:
     """MiB's unbiased cross-entropy (Cermelli et al., CVPR 2020, Eq. 4; §4.8 "UNCE").
 
     A pixel labelled background (or any old class) may truly be background *or any old class*,
     so its log-probability is ``logsumexp(x_{0..n_old-1}) - logsumexp(x)``; a new-class pixel
-    uses the ordinary log-softmax; 255 contributes 0.  Mean over all pixels (§4.0).
+    uses the ordinary log-softmax; 255 contributes 0.  Mean over all pixels (§4.0), each image
+    scaled by ``weight`` if given (PLOP's adaptive factor).
     """
     logits = logits.float()
     log_den = torch.logsumexp(logits, dim=1, keepdim=True)
@@ -74,7 +75,7 @@ def unbiased_cross_entropy(logits: Tensor, labels: Tensor, n_old: int) -> Tensor
     labels = labels.long()
     target = torch.where(labels < n_old, torch.zeros_like(labels), labels - (n_old - 1))
     target = torch.where(labels == IGNORE_INDEX, labels, target)
-    return F.nll_loss(log_p, target, ignore_index=IGNORE_INDEX, reduction="none").mean()
+    return mean_over_pixels(F.nll_loss(log_p, target, ignore_index=IGNORE_INDEX, reduction="none"), weight)
 
 
 def unbiased_knowledge_distillation(
@@ -105,7 +106,7 @@ def unbiased_knowledge_distillation(
 # one-hot part is a gather: no (B, C, H, W) target tensor is materialised (ADE has 151 channels).
 
 
-def bce_with_ignore(logits: Tensor, labels: Tensor) -> Tensor:
+def bce_with_ignore(logits: Tensor, labels: Tensor, weight: Optional[Tensor] = None) -> Tensor:
     """MiB's ``BCEWithLogitsLossWithIgnoreIndex`` (iCaRL, Rebuffi et al., CVPR 2017; §4.3).
 
     One-hot targets over all channels, per-channel BCE with logits *summed over channels*;
@@ -116,7 +117,7 @@ def bce_with_ignore(logits: Tensor, labels: Tensor) -> Tensor:
     valid = labels != IGNORE_INDEX
     safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(1)
     per_pixel = F.softplus(logits).sum(dim=1) - logits.gather(1, safe).squeeze(1)
-    return (per_pixel * valid).mean()
+    return mean_over_pixels(per_pixel * valid, weight)
 
 
 def icarl_distillation(logits: Tensor, teacher_logits: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from torch import Tensor
 from utils.errors import ConfigError
 
 from . import register
-from .base import StepContext, cross_entropy_all_pixels
+from .base import StepContext
 from .classic import ClassicMethod
 from .pod import PREPRO, distilled_layers, pod_loss, pod_schedule
 from .pseudo import adaptive_factor, entropy_thresholds, pseudo_label
@@ -181,17 +181,6 @@ class PLOP(ClassicMethod):
         return pod_loss(distilled_layers(teacher, self.pod_logits),
                         distilled_layers(out, self.pod_logits, self.n_old),
                         self.pod_factors, self.spp_scales, self.pod_prepro, self.schedule)
-
-    def _classification(self, logits: Tensor, labels: Tensor, weight: Optional[Tensor] = None) -> dict[str, Tensor]:
-        """The classic term, each image's pixels scaled by ``weight`` (reference: the per-pixel
-        loss times nu, then the mean over all pixels)."""
-        if weight is None:
-            return super()._classification(logits, labels)
-        if not (self.bce or (self.unce and self.n_old > 0)):
-            return {"ce": cross_entropy_all_pixels(logits, labels, weight)}
-        # UNCE / BCE return pixel means only: mean_pixels(nu_b l_bp) = mean_b(nu_b mean_p l_bp).
-        per_image = [super(PLOP, self)._classification(logits[i:i + 1], labels[i:i + 1]) for i in range(len(labels))]
-        return {k: (torch.stack([t[k] for t in per_image]) * weight).mean() for k in per_image[0]}
 
     def _extra_terms(self, batch: dict, out: dict, teacher: dict, labels: Tensor) -> dict[str, Tensor]:
         """More terms on the pseudo-labelled ``labels`` (REMINDER's CSW-KD); none in PLOP."""

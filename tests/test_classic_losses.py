@@ -312,3 +312,15 @@ def test_freeze_drops_body_from_optimizer_at_step_gt0():
     body = {id(p) for p in model.body.parameters()}
     assert len(groups) == 2 and not any(id(p) in body for g in groups for p in g["params"])
     assert len(ClassicMethod(make_opts(), STEP1).param_groups(model, 0.1)) == 3
+
+
+def test_per_image_weight_equals_weighting_each_image_mean():
+    """PLOP's adaptive factor on UNCE/BCE: mean_pixels(nu_b * l_bp) = mean_b(nu_b * mean_p l_bp)."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 5, 4, 6, generator=g)
+    labels = torch.randint(0, 5, (3, 4, 6), generator=g)
+    labels[1, 0] = 255
+    weight = torch.tensor([0.2, 1.0, 0.0])
+    for loss in (lambda x, y, w=None: unbiased_cross_entropy(x, y, 3, w), bce_with_ignore):
+        expected = sum(float(weight[b]) * loss(logits[b:b + 1], labels[b:b + 1]).item() for b in range(3)) / 3
+        assert loss(logits, labels, weight).item() == pytest.approx(expected, rel=1e-5)
