@@ -35,6 +35,7 @@ from utils import checkpoint
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed
 from utils.errors import CheckpointError, UserError
 from utils.logger import Logger
+from utils.malloc import keep_freed_memory
 
 USER_ERRORS = (UserError, TaskError, DataError, PretrainedWeightsError, MethodStateError)
 
@@ -362,4 +363,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # before the first large allocation; see utils/malloc.py
     sys.exit(main())

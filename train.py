@@ -5,7 +5,6 @@ below reads the same for FT, MiB, PLOP or DKD.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from torch import nn
 
 from methods.base import Method, StepContext
 from metrics import ConfusionMatrix
+from modules.fuse import inference_copy
 from utils.distributed import all_reduce_sum
 from utils.errors import NaNLossError
 from utils.scheduler import poly_lr
@@ -34,6 +34,13 @@ class Precision:
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.enabled)
+
+    def inference_copy(self, model: nn.Module, channels_last: bool = False) -> nn.Module:
+        """A frozen copy of ``model`` for forward passes only (teacher, evaluation): norms folded
+        into the convolutions; under CPU autocast stored in bf16 (no weight cast on any call) and
+        channels-last, which oneDNN runs about 1.4x faster (measured, scripts/bench_speed.py)."""
+        cpu_amp = self.enabled and self.device.type == "cpu"
+        return inference_copy(model, torch.bfloat16 if cpu_amp else None, channels_last or cpu_amp)
 
     def scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device.type, enabled=self.enabled and self.device.type == "cuda")
@@ -58,15 +65,18 @@ class Trainer:
                  device: torch.device, lr: float, iters_per_epoch: int, epochs: int,
                  logger=None, is_main: bool = True):
         self.model = model
-        self.teacher = teacher  # hooks may read its weights (EWC); its forward runs only if needed
+        self.teacher = teacher  # exact step t-1 weights: regularisers anchor to them (EWC)
         self.run_teacher = teacher is not None and method.needs_teacher
         self.method = method
         self.opts = opts
         self.device = device
         self.precision = Precision(device, opts.amp)
+        # Forward passes go through a frozen copy with the norms folded into the convolutions.
+        self.teacher_forward = (self.precision.inference_copy(teacher, opts.channels_last)
+                                if self.run_teacher else teacher)
         self.optimizer = torch.optim.SGD(method.param_groups(unwrap(model), lr), lr=lr,
                                          momentum=opts.momentum, nesterov=True,
-                                         weight_decay=opts.weight_decay, foreach=True)
+                                         weight_decay=opts.weight_decay, fused=True)
         self.scheduler = poly_lr(self.optimizer, epochs * iters_per_epoch, opts.lr_power)
         self.scaler = self.precision.scaler()
         self.logger = logger
@@ -81,7 +91,7 @@ class Trainer:
             teacher_out = None
             if self.run_teacher:
                 with torch.no_grad():
-                    teacher_out = self.teacher(batch["image"])
+                    teacher_out = self.teacher_forward(batch["image"])
         terms = self.method.loss(batch, out, teacher_out)
         loss = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
@@ -149,7 +159,8 @@ class Trainer:
         self.iteration = state["iteration"]
 
     def context(self, train_loader, task, all_reduce=all_reduce_sum, log=print) -> StepContext:
-        return StepContext(model=unwrap(self.model), teacher=self.teacher, train_loader=train_loader,
+        return StepContext(model=unwrap(self.model), teacher=self.teacher_forward, previous_model=self.teacher,
+                           train_loader=train_loader,
                            device=self.device, task=task, opts=self.opts,
                            autocast=self.precision.autocast, all_reduce=all_reduce, log=log)
 
@@ -157,10 +168,15 @@ class Trainer:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, num_classes: int, predict: Callable, device: torch.device,
              precision: Optional[Precision] = None, channels_last: bool = False) -> ConfusionMatrix:
-    """Confusion matrix over a loader, summed over ranks."""
-    model.eval()
+    """Confusion matrix over a loader, summed over ranks.
+
+    Runs a frozen inference copy with the norms folded into the convolutions (modules.fuse);
+    ``model`` itself is left as it was.
+    """
+    precision = precision or Precision(device, False)
+    model = precision.inference_copy(unwrap(model), channels_last)
     matrix = ConfusionMatrix(num_classes, device)
-    autocast = precision.autocast() if precision is not None else contextlib.nullcontext()
+    autocast = precision.autocast()
     for batch in loader:
         batch = move_batch(batch, device, channels_last)
         with autocast:

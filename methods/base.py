@@ -35,7 +35,7 @@ class StepContext:
     """What a method may look at around a step (``before_step`` / ``after_step``)."""
 
     model: nn.Module                   # the student, unwrapped from DDP
-    teacher: Optional[nn.Module]       # frozen step t-1 model, or None at step 0
+    teacher: Optional[nn.Module]       # frozen step t-1 model for forward passes, or None at step 0
     train_loader: Any                  # iterable of batches {"image", "label"}
     device: torch.device
     task: Any                          # dataset.tasks.Task
@@ -43,6 +43,13 @@ class StepContext:
     autocast: Callable = field(default=lambda: torch.autocast("cpu", enabled=False))
     all_reduce: Callable[[Tensor], Tensor] = field(default=lambda t: t)  # in-place sum over ranks
     log: Callable[[str], None] = field(default=print)
+    # The step t-1 model with its exact parameters (regulariser anchors). ``teacher`` may be an
+    # inference copy with folded norms (modules.fuse); this defaults to ``teacher``.
+    previous_model: Optional[nn.Module] = None
+
+    def __post_init__(self):
+        if self.previous_model is None:
+            self.previous_model = self.teacher
 
 
 class MethodStateError(RuntimeError):

@@ -143,9 +143,9 @@ class ClassicMethod(Method):
         """EWC/RW/PI: snapshot the teacher's parameters (step > 0) and start the statistics."""
         if self.regularizer is None:
             return
-        if self.incremental and ctx.teacher is None:
-            raise RuntimeError(f"the {self.regularizer.name} regulariser needs ctx.teacher at step {self.step}")
-        self.regularizer.start(ctx.model, ctx.teacher if self.incremental else None)
+        if self.incremental and ctx.previous_model is None:
+            raise RuntimeError(f"the {self.regularizer.name} regulariser needs ctx.previous_model at step {self.step}")
+        self.regularizer.start(ctx.model, ctx.previous_model if self.incremental else None)
 
     def loss(self, batch: dict, out: dict, teacher_out: Optional[dict]) -> dict[str, Tensor]:
         logits, labels = out["logits"], batch["label"]

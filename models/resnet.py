@@ -84,6 +84,9 @@ class ResidualBlock(nn.Module):
             self.proj_bn = norm_act(channels[-1])
             self.proj_bn.activation = "identity"
 
+    # (conv, norm) children that modules.fuse may fold for inference; convs.* are found as a Sequential.
+    fusable_pairs = (("proj_conv", "proj_bn"),)
+
     def residual_sum(self, x: Tensor) -> Tensor:
         """convs(x) + shortcut(x): the block output before its activation."""
         shortcut = self.proj_bn(self.proj_conv(x)) if hasattr(self, "proj_conv") else x

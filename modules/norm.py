@@ -266,6 +266,26 @@ def is_norm_layer(module: nn.Module) -> bool:
     return package is not None and isinstance(module, package.ABN)
 
 
+def norm_affine(module: nn.Module) -> tuple[Tensor, Tensor]:
+    """(m, s) with eval-mode ``norm(x) = m * x + s`` per channel (before any activation), in fp32.
+
+    The multiplier of the normalised input is the weight for ABN / BatchNorm and |weight| + eps
+    for the in-place variants (ours and inplace-abn's); a norm without affine parameters uses 1, 0.
+    """
+    package = _inplace_abn_package()
+    if isinstance(module, ABN):
+        weight = module.scale()
+    elif package is not None and isinstance(module, package.InPlaceABN):
+        weight = module.weight.abs() + module.eps
+    else:
+        weight = module.weight
+    channels = module.running_mean.numel()
+    weight = torch.ones(channels) if weight is None else weight.detach().float()
+    bias = torch.zeros(channels) if module.bias is None else module.bias.detach().float()
+    mult = weight * torch.rsqrt(module.running_var.float() + module.eps)
+    return mult, bias - module.running_mean.float() * mult
+
+
 def freeze_norm_layers(model: nn.Module) -> None:
     """``--fix_bn``: norm layers in eval mode (running statistics) with frozen affine parameters.
 
