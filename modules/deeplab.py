@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from modules.dilated import OverlapDilatedConv2d
 from modules.norm import LEAKY_SLOPE
 from utils.errors import ConfigError
 
@@ -39,8 +40,7 @@ class DeeplabV3(nn.Module):
         self.out_channels = out_channels
         self.map_convs = nn.ModuleList(
             [nn.Conv2d(in_channels, hidden_channels, 1, bias=False)]
-            + [nn.Conv2d(in_channels, hidden_channels, 3, padding=d, dilation=d, bias=False)
-               for d in ASPP_DILATIONS[output_stride]]
+            + [OverlapDilatedConv2d(in_channels, hidden_channels, d) for d in ASPP_DILATIONS[output_stride]]
         )
         self.map_bn = norm_act(hidden_channels * 4)
         self.global_pooling_conv = nn.Conv2d(in_channels, hidden_channels, 1, bias=False)

@@ -152,3 +152,28 @@ def test_plop_pod_term_on_fake_outputs(flags, logits_factor, schedule):
                            student["logits_small"][:, 1:16]], dim=1)
     expected = expected + logits_factor * _loop_distance(teacher["logits_small"], collapsed)
     assert terms["pod"].item() == pytest.approx(float(expected) * schedule / 6, rel=1e-5)
+
+
+def _direct_embedding(x, scales):
+    """The reference's per-scale cell means, written out (no nesting)."""
+    b, c, h, w = x.shape
+    parts = []
+    for s in scales:
+        rows, cols = h // s, w // s
+        cells = x[:, :, : s * rows, : s * cols].reshape(b, c, s, rows, s, cols)
+        parts += [cells.mean(dim=5).flatten(1), cells.mean(dim=3).flatten(1)]
+    return torch.cat(parts, dim=1)
+
+
+@pytest.mark.parametrize("shape,scales", [((16, 12), [1, 2, 4]), ((8, 8), [1, 2, 4]), ((12, 18), [1, 3]),
+                                          ((10, 14), [1, 2, 4])])
+def test_nested_embedding_equals_per_scale_means_with_gradients(shape, scales):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *shape, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 3 * sum(s * (shape[0] + shape[1]) for s in scales), dtype=torch.float64)
+    ours, direct = local_pod_embedding(x, scales), _direct_embedding(x, scales)
+    assert ours.shape == direct.shape
+    torch.testing.assert_close(ours, direct)
+    (g_ours,) = torch.autograd.grad((ours * weights[:, : ours.shape[1]]).sum(), x)
+    (g_direct,) = torch.autograd.grad((direct * weights[:, : direct.shape[1]]).sum(), x)
+    torch.testing.assert_close(g_ours, g_direct)
