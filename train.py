@@ -37,10 +37,12 @@ class Precision:
 
     def inference_copy(self, model: nn.Module, channels_last: bool = False) -> nn.Module:
         """A frozen copy of ``model`` for forward passes only (teacher, evaluation): norms folded
-        into the convolutions; under CPU autocast stored in bf16 (no weight cast on any call) and
-        channels-last, which oneDNN runs about 1.4x faster (measured, scripts/bench_speed.py)."""
-        cpu_amp = self.enabled and self.device.type == "cpu"
-        return inference_copy(model, torch.bfloat16 if cpu_amp else None, channels_last or cpu_amp)
+        into the convolutions; on a CPU stored channels-last (oneDNN's faster layout: 1.3x in
+        fp32, 1.4x in bf16 for ResNet-101 inference, measured) and, under autocast, in bf16 so
+        that no weight is cast on any call."""
+        cpu = self.device.type == "cpu"
+        dtype = torch.bfloat16 if self.enabled and cpu else None
+        return inference_copy(model, dtype, channels_last or cpu)
 
     def scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device.type, enabled=self.enabled and self.device.type == "cuda")
