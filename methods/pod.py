@@ -106,13 +106,18 @@ def collapse_new_logits(student_logits: Tensor, n_old: int) -> Tensor:
 def distilled_layers(out: dict, with_logits: bool, n_old: Optional[int] = None) -> list[Tensor]:
     """The maps PLOP distils, in the reference order: the four stage pre-activations, the head
     output and (``--pod_logits``) the stride-16 logits.  Pass ``n_old`` for the student so that
-    its logits are collapsed to the teacher's channels.  Everything is cast to fp32.
+    its logits are collapsed to the teacher's channels.  Everything is cast to dense NCHW fp32
+    in one copy (a channels-last teacher copy's maps would make every pooling slower).
     """
-    layers = [t.float() for t in out["stages"]] + [out["pre_logits"].float()]
+    layers = [dense_fp32(t) for t in out["stages"]] + [dense_fp32(out["pre_logits"])]
     if with_logits:
         logits = out["logits_small"].float()
         layers.append(collapse_new_logits(logits, n_old) if n_old is not None else logits)
     return layers
+
+
+def dense_fp32(t: Tensor) -> Tensor:
+    return t.to(torch.float32, memory_format=torch.contiguous_format)
 
 
 def pod_schedule(n_seen: int, n_new: int) -> float:

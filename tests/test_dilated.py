@@ -19,7 +19,7 @@ def test_valid_share_by_hand():
 
 
 @pytest.mark.parametrize("dilation,shape", [(12, (16, 16)), (18, (16, 16)), (9, (10, 14)), (7, (6, 20)),
-                                            (3, (8, 8))])
+                                            (3, (8, 8)), (20, (8, 20)), (12, (10, 16))])
 def test_same_output_and_gradients_as_conv2d(dilation, shape):
     torch.manual_seed(0)
     ours = OverlapDilatedConv2d(5, 4, dilation).double()
@@ -36,10 +36,11 @@ def test_same_output_and_gradients_as_conv2d(dilation, shape):
     torch.testing.assert_close(ours.weight.grad, dense.weight.grad)
 
 
-def test_under_bf16_autocast_gradients_reach_the_fp32_weight():
+@pytest.mark.parametrize("dilation", [12, 18])  # the overlap backward and the centre-tap path
+def test_under_bf16_autocast_gradients_reach_the_fp32_weight(dilation):
     torch.manual_seed(0)
-    ours = OverlapDilatedConv2d(8, 4, 18)
-    dense = nn.Conv2d(8, 4, 3, padding=18, dilation=18, bias=False)
+    ours = OverlapDilatedConv2d(8, 4, dilation)
+    dense = nn.Conv2d(8, 4, 3, padding=dilation, dilation=dilation, bias=False)
     dense.load_state_dict(ours.state_dict())
     x = torch.randn(2, 8, 16, 16)
     for conv in (ours, dense):
@@ -49,3 +50,16 @@ def test_under_bf16_autocast_gradients_reach_the_fp32_weight():
         out.float().square().sum().backward()
     assert ours.weight.grad.dtype == torch.float32
     torch.testing.assert_close(ours.weight.grad, dense.weight.grad, rtol=2e-2, atol=2e-2)
+
+
+def test_centre_tap_path_keeps_a_folded_bias_and_skips_the_other_taps():
+    """Dilation >= both map sides: the output is the centre 1x1 tap plus the bias (a norm folded
+    into the convolution adds one), whatever the off-centre weights hold."""
+    torch.manual_seed(0)
+    conv = OverlapDilatedConv2d(3, 2, 6).eval()
+    conv.bias = nn.Parameter(torch.tensor([0.5, -1.0]))
+    x = torch.randn(1, 3, 4, 6)
+    with torch.no_grad():
+        expected = torch.einsum("oc,nchw->nohw", conv.weight[:, :, 1, 1], x) + conv.bias.view(1, 2, 1, 1)
+        conv.weight[:, :, 0, 0] = 1e6  # a tap that only ever reads padding
+        torch.testing.assert_close(conv(x), expected)

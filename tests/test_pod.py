@@ -177,3 +177,14 @@ def test_nested_embedding_equals_per_scale_means_with_gradients(shape, scales):
     (g_ours,) = torch.autograd.grad((ours * weights[:, : ours.shape[1]]).sum(), x)
     (g_direct,) = torch.autograd.grad((direct * weights[:, : direct.shape[1]]).sum(), x)
     torch.testing.assert_close(g_ours, g_direct)
+
+
+def test_distilled_layers_are_dense_fp32_copies_of_channels_last_maps():
+    torch.manual_seed(0)
+    maps = [torch.randn(2, c, s, s).bfloat16().contiguous(memory_format=torch.channels_last)
+            for c, s in ((4, 8), (6, 4))]
+    out = {"stages": maps, "pre_logits": maps[1], "logits_small": torch.randn(2, 3, 4, 4)}
+    layers = distilled_layers(out, with_logits=True, n_old=2)
+    assert all(t.dtype == torch.float32 and t.is_contiguous() for t in layers)
+    torch.testing.assert_close(layers[0], maps[0].float())
+    torch.testing.assert_close(layers[3][:, 0], out["logits_small"][:, 0] + out["logits_small"][:, 2])
