@@ -55,8 +55,12 @@ class IncrementalSegmentationModule(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Any]:
         body, stages = self.body(x)
         pre_logits = self.head(body)
-        out = self.classifier_forward(self.cls, pre_logits)
-        out["logits"] = F.interpolate(out["logits_small"], size=x.shape[-2:], mode="bilinear", align_corners=False)
+        # Classifiers and upsampling in fp32 under --amp: every loss reads the logits, bf16 would
+        # round them to 3 significant digits, and these ops cost nothing next to the body.
+        with torch.autocast(x.device.type, enabled=False):
+            out = self.classifier_forward(self.cls, pre_logits.float())
+            out["logits"] = F.interpolate(out["logits_small"], size=x.shape[-2:], mode="bilinear",
+                                          align_corners=False)
         out.update(body=body, stages=stages, pre_logits=pre_logits)
         return out
 
@@ -78,8 +82,8 @@ class IncrementalSegmentationModule(nn.Module):
 
 def linear_classifiers(classifiers: nn.ModuleList, features: Tensor) -> dict[str, Tensor]:
     """All classifiers as one 1x1 conv: equal to concatenating each step's output, one kernel."""
-    weight = torch.cat([c.weight for c in classifiers])
-    bias = torch.cat([c.bias for c in classifiers])
+    weight = torch.cat([c.weight for c in classifiers]).to(features.dtype)  # a bf16 inference copy
+    bias = torch.cat([c.bias for c in classifiers]).to(features.dtype)
     return {"logits_small": F.conv2d(features, weight, bias)}
 
 

@@ -100,8 +100,8 @@ def dkd_classifier_forward(classifiers: nn.ModuleList, features: Tensor) -> dict
     The DKD losses never read channel 0 of z+ / z-; it is computed on ``f.detach()`` like the
     auxiliary logit so that the channel layout stays the same for all three maps.
     """
-    weight = torch.cat([c.weight for c in classifiers])  # (C, F, 1, 1)
-    bias = torch.cat([c.bias for c in classifiers])
+    weight = torch.cat([c.weight for c in classifiers]).to(features.dtype)  # (C, F, 1, 1)
+    bias = torch.cat([c.bias for c in classifiers]).to(features.dtype)
     zeros = torch.zeros_like(bias)
     pos, neg = weight.clamp(min=0), weight.clamp(max=0)
 

@@ -287,3 +287,22 @@ def test_explicit_weights_of_the_same_width_load(tmp_path):
     torch.save({"state_dict": wide}, path)
     with pytest.raises(PretrainedWeightsError, match="do not fit the body"):
         make_model(_opts(width=0.25, no_pretrained=False, pretrained=str(path)), [2])
+
+
+@pytest.mark.parametrize("head", ["deeplab", "dkd"])
+def test_amp_logits_are_fp32_and_match_an_fp32_classifier(head):
+    """Under bf16 autocast the body and head run in bf16, the classifiers and the upsampling in
+    fp32 (the losses' input), also for a bf16 inference copy whose classifier weights are bf16."""
+    from modules.fuse import inference_copy
+
+    torch.manual_seed(0)
+    model = make_model(_opts(head=head, norm_act="iabn"), [3, 2]).eval()
+    x = torch.randn(2, 3, 48, 48)
+    for net in (model, inference_copy(model, torch.bfloat16)):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            out = net(x)
+        assert out["pre_logits"].dtype == torch.bfloat16
+        assert out["logits_small"].dtype == torch.float32 and out["logits"].dtype == torch.float32
+        with torch.no_grad():  # the same classifier on the same bf16 features, in fp32
+            expected = net.classifier_forward(net.cls, out["pre_logits"].float())["logits_small"]
+        torch.testing.assert_close(out["logits_small"], expected)
