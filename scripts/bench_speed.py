@@ -254,7 +254,7 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--channels_last", action="store_true")
-    p.add_argument("--pipeline_images", type=int, default=60)
+    p.add_argument("--pipeline_images", type=int, default=300)
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "pipeline", "eval", "thresholds"])
     p.add_argument("--quick", action="store_true", help="tiny model and few iterations (smoke run)")
     p.add_argument("--json", default=None)
