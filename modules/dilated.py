@@ -12,9 +12,9 @@ When the dilation reaches the map size on both axes, only the centre tap is left
 convolution is computed as the 1x1 convolution it then is (forward and backward, on every device;
 measured at dilation 18 on 16 x 16, bf16: forward 7.3 -> 1.2 ms, forward + backward 10.8 -> 5.3 ms).
 
-:class:`OverlapDilatedConv2d` is a drop-in ``nn.Conv2d`` (same parameters and state dict) that
-otherwise takes the overlap path when a CPU training pass needs gradients and the taps' valid area is at
-most :data:`MAX_VALID_SHARE` of the dense work; otherwise it is ``nn.Conv2d``.  The gradients
+:class:`OverlapDilatedConv2d` is a drop-in ``nn.Conv2d`` (same parameters and state dict).
+Otherwise it takes the overlap path when a CPU training pass needs gradients and the taps' valid
+area is at most :data:`MAX_VALID_SHARE` of the dense work, and is plain ``nn.Conv2d`` else.  The gradients
 are those of the dense convolution, up to summation order.
 """
 from __future__ import annotations
