@@ -117,6 +117,7 @@ def distilled_layers(out: dict, with_logits: bool, n_old: Optional[int] = None) 
 
 
 def dense_fp32(t: Tensor) -> Tensor:
+    """``t`` as contiguous (NCHW) fp32, cast and re-laid out in a single copy."""
     return t.to(torch.float32, memory_format=torch.contiguous_format)
 
 

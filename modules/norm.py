@@ -279,10 +279,10 @@ def norm_affine(module: nn.Module) -> tuple[Tensor, Tensor]:
         weight = module.weight.abs() + module.eps
     else:
         weight = module.weight
-    channels = module.running_mean.numel()
-    weight = torch.ones(channels) if weight is None else weight.detach().float()
-    bias = torch.zeros(channels) if module.bias is None else module.bias.detach().float()
-    mult = weight * torch.rsqrt(module.running_var.float() + module.eps)
+    var = module.running_var.float()
+    weight = torch.ones_like(var) if weight is None else weight.detach().float()
+    bias = torch.zeros_like(var) if module.bias is None else module.bias.detach().float()
+    mult = weight * torch.rsqrt(var + module.eps)
     return mult, bias - module.running_mean.float() * mult
 
 

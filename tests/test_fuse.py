@@ -10,7 +10,7 @@ from torch import nn
 from argparser import parse_args
 from dataset.tasks import Task
 from modules.fuse import FoldedNorm, fold_conv_norm, inference_copy
-from modules.norm import ABN, InPlaceABN
+from modules.norm import ABN, InPlaceABN, norm_affine
 from segmentation_module import make_model
 from train import Precision, Trainer, evaluate
 
@@ -137,3 +137,15 @@ def test_precision_copy_dtype():
     assert next(cpu_amp.parameters()).dtype == torch.bfloat16
     assert next(fp32.parameters()).dtype == torch.float32
     assert math.isfinite(float(fp32(torch.randn(1, 3, 32, 32))["logits"].sum()))
+
+
+def test_norm_affine_without_affine_parameters():
+    norm = torch.nn.BatchNorm2d(3, affine=False).eval()
+    norm.running_mean.copy_(torch.tensor([1.0, -2.0, 0.5]))
+    norm.running_var.copy_(torch.tensor([4.0, 0.25, 1.0]))
+    mult, shift = norm_affine(norm)
+    inv = 1 / torch.sqrt(norm.running_var + norm.eps)
+    torch.testing.assert_close(mult, inv)
+    torch.testing.assert_close(shift, -norm.running_mean * inv)
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(norm(x), mult.view(1, 3, 1, 1) * x + shift.view(1, 3, 1, 1))
