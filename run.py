@@ -251,14 +251,14 @@ def _progress_bar(opts, info: DistInfo, step: int, epoch: int, epochs: int):
 @torch.no_grad()
 def save_samples(model, dataset, predict, count: int, device, path: Path):
     """image | ground truth | prediction for the first test images, with the VOC palette."""
-    from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from dataset.transforms import device_batch
     from dataset.voc import voc_palette
     from metrics.plots import prediction_grid
 
     images, labels = zip(*(dataset[i] for i in range(min(count, len(dataset)))))
-    predictions = predict(model(torch.stack(images).to(device))["logits"].float()).cpu()
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    rgb = [(image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() for image in images]
+    batch, _ = device_batch(torch.stack(images), torch.stack(labels), device)
+    predictions = predict(model(batch)["logits"].float()).cpu()
+    rgb = [image.permute(1, 2, 0).numpy() / 255.0 for image in images]
     return prediction_grid(rgb, [l.numpy() for l in labels], list(predictions.numpy()), path, voc_palette())
 
 

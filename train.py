@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from dataset.transforms import device_batch
 from methods.base import Method, StepContext
 from metrics import ConfusionMatrix
 from modules.fuse import inference_copy
@@ -54,12 +55,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def move_batch(batch, device: torch.device, channels_last: bool) -> dict:
-    images, labels = batch[0], batch[1]
-    non_blocking = device.type == "cuda"
-    images = images.to(device, non_blocking=non_blocking)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return {"image": images, "label": labels.to(device, non_blocking=non_blocking).long()}
+    images, labels = device_batch(batch[0], batch[1], device, channels_last)
+    return {"image": images, "label": labels}
 
 
 class Trainer:

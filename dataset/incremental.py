@@ -26,7 +26,6 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from .ade import ade_split
@@ -34,7 +33,7 @@ from .errors import DataError
 from .presence import IGNORE_LABEL, NUM_VALUES, presence_index, select_images
 from .shapes import ShapesSplit
 from .tasks import Task
-from .transforms import eval_transform, remap_label, to_tensor, train_transform
+from .transforms import eval_transform, image_tensor, remap_label, train_transform
 from .voc import voc_split
 
 MASKINGS = ("plop", "mib")
@@ -47,7 +46,7 @@ def learning_order(task: Task) -> list[int]:
 
 
 def label_lut(task: Task, kind: str, masking: str = "plop") -> np.ndarray:
-    """The int64 table ``lut[original id] -> training label`` of a split of this step."""
+    """The uint8 table ``lut[original id] -> training label`` of a split of this step."""
     if kind not in SPLIT_KINDS:
         raise ValueError(f"kind must be one of {SPLIT_KINDS}, not {kind!r}")
     if masking not in MASKINGS:
@@ -60,7 +59,7 @@ def label_lut(task: Task, kind: str, masking: str = "plop") -> np.ndarray:
         fill = 0 if kind == "train" else IGNORE_LABEL
         void = fill
         background = fill if ade else 0
-    lut = np.full(NUM_VALUES, fill, dtype=np.int64)
+    lut = np.full(NUM_VALUES, fill, dtype=np.uint8)
     order = learning_order(task)
     position = {c: i for i, c in enumerate(order)}
     keep = [c for c in current if c != 0]
@@ -78,13 +77,15 @@ class Source(Protocol):
 
     def __len__(self) -> int: ...
 
-    def load(self, index: int) -> tuple[Image.Image, Image.Image]: ...
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(H, W, 3) uint8 RGB image and (H, W) uint8 label of class ids."""
 
 
 class IncrementalSegmentation(Dataset):
     """Images ``indices`` of ``source``, transformed jointly, labels remapped by ``lut``.
 
-    ``__getitem__`` returns (float32 3xHxW normalised image, int64 HxW label).  ``presence``
+    ``__getitem__`` returns (uint8 3xHxW image, uint8 HxW label; ``transforms.device_batch``
+    normalises and widens them on the device).  ``presence``
     holds the class-presence rows of these images (aligned with the dataset's positions),
     which is what an exemplar memory selects from.
     """
@@ -93,7 +94,7 @@ class IncrementalSegmentation(Dataset):
         self,
         source: Source,
         indices: np.ndarray,
-        transform: Callable[[Image.Image, Image.Image], tuple[Image.Image, Image.Image]],
+        transform: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
         lut: np.ndarray,
         presence: np.ndarray,
     ):
@@ -109,7 +110,7 @@ class IncrementalSegmentation(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, label = self.source.load(int(self.indices[i]))
         image, label = self.transform(image, label)
-        return to_tensor(image), remap_label(label, self.lut)
+        return image_tensor(image), remap_label(label, self.lut)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from .errors import DataError
 from .incremental import IncrementalSegmentation
+from .transforms import device_batch
 
 NUM_VALUES = 256
 PSEUDO_LABEL_SCORE = 0.9  # DKD/SSUL confidence for a background pixel to count as an old class
@@ -72,8 +73,8 @@ def candidate_presence(model: nn.Module, dataset: IncrementalSegmentation, devic
     model.eval()
     start = 0
     for images, labels in loader:
-        logits = model(images.to(device))["logits"]
-        present = batch_presence(labels.to(device), logits)
+        images, labels = device_batch(images, labels, device)
+        present = batch_presence(labels, model(images)["logits"])
         rows[shard[start:start + len(present)]] = present.to(torch.int32)
         start += len(present)
     model.train(was_training)

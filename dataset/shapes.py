@@ -23,7 +23,6 @@ from functools import lru_cache
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
 from .presence import cache_key_of
 
@@ -290,9 +289,9 @@ class ShapesSplit:
     def __len__(self) -> int:
         return self.num_images
 
-    def load(self, index: int) -> tuple[Image.Image, Image.Image]:
-        image, label = generate_sample(self.seed, self.split, index, self.image_size)
-        return Image.fromarray(image, "RGB"), Image.fromarray(label, "L")
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(H, W, 3) uint8 image and (H, W) uint8 label of one sample, generated now."""
+        return generate_sample(self.seed, self.split, index, self.image_size)
 
     def label_array(self, index: int) -> np.ndarray:
         return generate_label(self.seed, self.split, index, self.image_size)

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 from torch import Tensor
 
+from dataset.transforms import device_batch
 from utils.errors import ConfigError
 
 from . import register
@@ -89,7 +90,7 @@ def image_label_batches(loader: Iterable, device: torch.device) -> Iterator[tupl
     """(images, labels) of every batch on ``device``; batches are dicts or (images, labels) pairs."""
     for batch in loader:
         images, labels = (batch["image"], batch["label"]) if isinstance(batch, dict) else (batch[0], batch[1])
-        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True).long()
+        yield device_batch(images, labels, device)
 
 
 @register("PLOP")

@@ -30,7 +30,7 @@ from argparser import parse_args  # noqa: E402
 from dataset.tasks import Task  # noqa: E402
 from methods.base import StepContext  # noqa: E402
 from segmentation_module import make_model  # noqa: E402
-from train import Precision, Trainer, evaluate  # noqa: E402
+from train import Precision, Trainer, evaluate, move_batch  # noqa: E402
 from utils.malloc import keep_freed_memory  # noqa: E402
 
 # Reference figures (PLOP's code, the MiB lineage) on a 2-core AVX-512 machine, torch 2.13 CPU, fp32.
@@ -62,12 +62,13 @@ def options(args, method: str, amp: bool):
     return parse_args(argv + (["--amp"] if amp else []) + (["--channels_last"] if args.channels_last else []))
 
 
-def synthetic_batch(batch: int, crop: int, n_classes: int, seed: int = 0) -> dict:
+def synthetic_batch(batch: int, crop: int, n_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch as the loader yields it: uint8 images and labels (``move_batch`` normalises)."""
     g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, n_classes, (batch, crop, crop), generator=g)
+    labels = torch.randint(0, n_classes, (batch, crop, crop), generator=g, dtype=torch.uint8)
     labels[:, : crop // 16] = 255
     labels[:, -crop // 8:] = 0
-    return {"image": torch.randn(batch, 3, crop, crop, generator=g), "label": labels}
+    return torch.randint(0, 256, (batch, 3, crop, crop), generator=g, dtype=torch.uint8), labels
 
 
 def previous_state(opts, model, task0: Task, loader) -> dict:
@@ -78,7 +79,8 @@ def previous_state(opts, model, task0: Task, loader) -> dict:
     ctx = StepContext(model=model, teacher=None, train_loader=loader, device=torch.device("cpu"), task=task0,
                       opts=opts, autocast=Precision(torch.device("cpu"), opts.amp).autocast, log=lambda *_: None)
     step0.before_step(ctx)
-    images, labels = loader[0]
+    batch = move_batch(loader[0], torch.device("cpu"), opts.channels_last)
+    images, labels = batch["image"], batch["label"]
     labels = labels.masked_fill((labels >= task0.n_seen) & (labels != 255), 0)  # step-0 masking
     with torch.no_grad():  # one step-0 loss call: methods that gather state in loss() (SDR) do so
         step0.loss({"image": images, "label": labels}, model(images), None)
@@ -98,9 +100,7 @@ def build_step(args, method: str, crop: int, amp: bool):
         model = model.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last)
     batch = synthetic_batch(args.batch_size, crop, task.n_seen)
-    if opts.channels_last:
-        batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-    loader = [(batch["image"], batch["label"])]
+    loader = [batch]
     method_obj = opts.method_cls(opts, task)
     method_obj.load_state_dict(previous_state(opts, teacher, task.at(0), loader))
     method_obj.init_new_classifier(model)
@@ -113,7 +113,11 @@ def build_step(args, method: str, crop: int, amp: bool):
 def bench_train(args, method: str, crop: int, amp: bool) -> dict:
     opts, model, trainer, batch, _ = build_step(args, method, crop, amp)
     model.train()
-    step = median_time(lambda: trainer.train_step(batch), args.iters, args.warmup)
+    cpu = torch.device("cpu")
+    # the step includes moving the loader's batch in (normalising the uint8 images), as in training
+    step = median_time(lambda: trainer.train_step(move_batch(batch, cpu, opts.channels_last)), args.iters,
+                       args.warmup)
+    batch = move_batch(batch, cpu, opts.channels_last)
     result = {"train_step_s": step, "train_img_s": args.batch_size / step}
     if method == "FT":
         precision = Precision(torch.device("cpu"), amp)
@@ -132,7 +136,7 @@ def bench_train(args, method: str, crop: int, amp: bool) -> dict:
 def bench_plop_thresholds(args, crop: int, amp: bool) -> float:
     opts, _, trainer, batch, ctx = build_step(args, "PLOP", crop, amp)
     n_batches = max(1, round(37 / args.batch_size))
-    ctx.train_loader = [(batch["image"], batch["label"])] * n_batches
+    ctx.train_loader = [batch] * n_batches
     return median_time(lambda: trainer.method.before_step(ctx), max(1, args.iters // 3), 1)
 
 
@@ -147,7 +151,7 @@ def bench_eval(args, method: str, crop: int, amp: bool) -> float:
     batch = synthetic_batch(4, crop, task.n_seen)
     # 10 batches per call: evaluate() prepares its inference copy (folded norms) once per call,
     # which a real validation set (1449 VOC images) amortises; 40 images come close to that.
-    loader = [(batch["image"], batch["label"])] * 10
+    loader = [batch] * 10
     precision = Precision(torch.device("cpu"), amp)
     t = median_time(lambda: evaluate(model, loader, task.n_seen, predict, torch.device("cpu"),
                                      precision, opts.channels_last), max(1, args.iters // 3), 1)
@@ -183,7 +187,13 @@ def voc_folder(n_images: int) -> Path:
     return root
 
 
-def bench_pipeline(crop: int, root: Path, workers: int) -> float:
+def bench_pipeline(crop: int, root: Path, workers: int, passes: int) -> float:
+    """Images/s of the training dataset (decode, augment, remap), median over ``passes`` passes.
+
+    ``workers=0`` indexes the dataset in this process; otherwise a DataLoader with persistent
+    workers delivers batches of 2, so the figure includes batching and the transfer to this
+    process.
+    """
     from torch.utils.data import DataLoader
 
     from dataset import build_datasets
@@ -192,17 +202,16 @@ def bench_pipeline(crop: int, root: Path, workers: int) -> float:
                        "--num_workers", str(workers), "--cache_dir", str(root / ".cache")])
     train, _, _ = build_datasets(opts, Task("voc", "offline", 0))
     if workers == 0:
-        train[0]
-        start = time.perf_counter()
-        for i in range(len(train)):
-            train[i]
-        return len(train) / (time.perf_counter() - start)
-    loader = DataLoader(train, batch_size=2, num_workers=workers, persistent_workers=True)
-    for _ in loader:  # start the workers
-        break
-    start = time.perf_counter()
-    count = sum(len(b[0]) for b in loader)
-    return count / (time.perf_counter() - start)
+        def one_pass():
+            for i in range(len(train)):
+                train[i]
+    else:
+        loader = DataLoader(train, batch_size=2, num_workers=workers, persistent_workers=True)
+
+        def one_pass():
+            for _ in loader:
+                pass
+    return len(train) / median_time(one_pass, passes, warmup=1)
 
 
 def peak_rss_mb() -> float:
@@ -254,13 +263,14 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--channels_last", action="store_true")
     p.add_argument("--pipeline_images", type=int, default=300)
+    p.add_argument("--pipeline_passes", type=int, default=5, help="pipeline figure: median over this many passes")
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "pipeline", "eval", "thresholds"])
     p.add_argument("--quick", action="store_true", help="tiny model and few iterations (smoke run)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.quick:
         args.backbone, args.width, args.norm_act, args.iters, args.warmup = "resnet18", 0.25, "abn", 3, 1
-        args.crops, args.pipeline_images = [128], 12
+        args.crops, args.pipeline_images, args.pipeline_passes = [128], 12, 1
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as run.py does
     rows = []
@@ -306,10 +316,10 @@ def main(argv=None):
         root = voc_folder(args.pipeline_images)
         try:
             for crop in args.crops:
-                report("pipeline_img_s", "1 process", crop, "-", bench_pipeline(crop, root, 0), "img/s", False)
-                for workers in (1, 2):
-                    report("pipeline_img_s", f"{workers} worker{'s' if workers > 1 else ''}", crop, "-",
-                           bench_pipeline(crop, root, workers), "img/s", False)
+                for workers in (0, 1, 2):
+                    what = {0: "1 process", 1: "1 worker"}.get(workers, f"{workers} workers")
+                    report("pipeline_img_s", what, crop, "-", bench_pipeline(crop, root, workers, args.pipeline_passes),
+                           "img/s", False)
         finally:
             shutil.rmtree(root, ignore_errors=True)
     print(f"peak RSS {peak_rss_mb():.0f} MB")

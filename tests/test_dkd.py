@@ -213,7 +213,6 @@ def test_step1_freezes_norm_and_dropout_and_decays_only_the_new_classifier():
 # --- DKD-M exemplar memory (§5.4) -----------------------------------------------------------------
 
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from dataset import memory  # noqa: E402
 from dataset.errors import DataError  # noqa: E402
@@ -302,7 +301,7 @@ class _Source:
         return len(self.labels)
 
     def load(self, index):
-        return Image.new("RGB", (3, 2)), Image.fromarray(self.labels[index], "L")
+        return np.zeros((2, 3, 3), np.uint8), self.labels[index]
 
 
 def test_memory_labels_are_masked_like_current_data():
@@ -333,8 +332,7 @@ class _ConstantModel(nn.Module):
 def test_candidate_presence_runs_the_model_over_the_dataset():
     class Source(_Source):
         def load(self, index):
-            colour = (255, 255, 255) if index == 1 else (0, 0, 0)
-            return Image.new("RGB", (3, 2), colour), Image.fromarray(self.labels[index], "L")
+            return np.full((2, 3, 3), 255 if index == 1 else 0, np.uint8), self.labels[index]
 
     task = Task("voc", "15-1", 2)
     data = IncrementalSegmentation(Source(), np.array([0, 1, 2]), lambda i, l: (i, l),
