@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 try:  # optional: a faster, bit-identical JPEG decoder (see read_image)
     import simplejpeg
-except ImportError:  # pragma: no cover - the fallback is Pillow
+except ImportError:  # Pillow decodes everything then
     simplejpeg = None
 
 from .errors import DataError
