@@ -3,7 +3,6 @@ and the on-disk copy written by data/make_shapes.py read back through the VOC lo
 from __future__ import annotations
 
 import importlib.util
-import time
 from pathlib import Path
 
 import numpy as np
@@ -85,13 +84,6 @@ def test_boundaries_are_255_bands_between_classes():
             assert np.sum(label == cls) >= 4
     assert min(ignored) > 0  # every image has a band (every image has an object)
     assert 0.02 < np.mean(ignored) < 0.2
-
-
-def test_generation_is_fast():
-    start = time.perf_counter()
-    for index in range(100):
-        generate_sample(0, "train", index)
-    assert (time.perf_counter() - start) / 100 < 0.005
 
 
 def test_split_presence_matches_labels():
