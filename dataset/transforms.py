@@ -1,4 +1,4 @@
-"""Joint image/label transforms on numpy arrays: Pillow decodes, numpy and torch do the rest.
+"""Joint image/label transforms on numpy arrays: the readers decode, numpy and torch do the rest.
 
 They reproduce the reference pipeline (MiB/PLOP ``dataset/transform.py``, an old copy of
 torchvision's): training uses ``RandomResizedCrop(crop, scale=(0.5, 2.0))`` + a horizontal flip,
@@ -39,11 +39,13 @@ def _check_same_size(image: np.ndarray, label: np.ndarray) -> None:
 def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear resize of an (H, W, 3) uint8 image, antialiased when shrinking (as Pillow does).
 
-    Returns an (height, width, 3) view of a channels-first buffer, which ``to_tensor`` reads
+    Returns an (height, width, 3) view of a channels-first buffer, which ``image_tensor`` reads
     without another copy.
     """
     if image.shape[:2] == (height, width):
         return image
+    if min(image.strides) < 0:  # a flipped view: torch tensors cannot have negative strides
+        image = np.ascontiguousarray(image)
     if image.flags.writeable:
         pixels = torch.from_numpy(image)
     else:

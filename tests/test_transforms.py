@@ -75,6 +75,13 @@ def test_resize_label_is_pillow_nearest(src, dst):
     np.testing.assert_array_equal(ours[rows][:, cols], pillow[rows][:, cols])
 
 
+def test_resize_image_accepts_flipped_views():
+    image = _smooth_image(40, 30)
+    flipped = resize_image(image[:, ::-1], 20, 15)
+    np.testing.assert_array_equal(flipped, resize_image(np.ascontiguousarray(image[:, ::-1]), 20, 15))
+    np.testing.assert_array_equal(flipped, resize_image(image, 20, 15)[:, ::-1])
+
+
 def test_nearest_indices_by_hand():
     # centres (i + 0.5) * 4 / 3 = 0.67, 2.0, 3.33 -> 0, 2, 3; upsampling 2 -> 5: 0.2, 0.6, 1.0, 1.4, 1.8
     assert nearest_indices(4, 3).tolist() == [0, 2, 3]
