@@ -66,6 +66,23 @@ def test_run_writes_checkpoints_results_and_logs(trained):
     assert "step |   all  |   old  |   new  |  hIoU" in proc.stdout
 
 
+def test_pod_gap_script_reports_both_steps_images_and_changes_nothing(trained):
+    logdir, run_dir, _ = trained
+    before = snapshot(run_dir)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "pod_gap.py"), *TINY, "--task", "15-1",
+                           "--overlap", "--step", "1", "--name", "ft", "--logdir", str(logdir),
+                           "--spp_scales", "1", "2", "--batch_sizes", "2", "4", "--batches", "2"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "training images of step 0" in proc.stdout and "training images of step 1" in proc.stdout
+    rows = [l.split("|") for l in proc.stdout.splitlines() if l.strip()[:1].isdigit()]
+    assert [int(r[0]) for r in rows] == [2, 4, 2, 4]
+    gaps = [float(x) for r in rows for x in r[1:]]
+    assert len(gaps) == 20 and all(g > 0 for g in gaps)
+    assert snapshot(run_dir) == before
+
+
 def test_test_mode_reproduces_training_result(trained):
     logdir, run_dir, _ = trained
     before = [json.loads(l) for l in (run_dir / "results.jsonl").read_text().splitlines()]

@@ -9,6 +9,7 @@ from torch import nn
 
 from argparser import parse_args
 from dataset.tasks import Task
+from methods.pod import pod_loss
 from modules.fuse import FoldedNorm, fold_conv_norm, inference_copy
 from modules.norm import ABN, InPlaceABN, norm_affine
 from segmentation_module import make_model
@@ -128,6 +129,34 @@ def test_trainer_runs_a_folded_teacher_and_anchors_to_the_exact_one():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ctx.teacher(x)["logits"], teacher(x)["logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_under_fix_bn_the_trainer_runs_the_exact_teacher_so_distillation_starts_at_zero():
+    opts = parse_args(["--dataset", "shapes", "--task", "15-1", "--method", "PLOP", "--fix_bn",
+                       "--norm_act", "iabn", *SMALL])
+    task = Task("shapes", "15-1", 1)
+    teacher = _model("iabn").eval().requires_grad_(False)  # non-trivial running statistics
+    student = make_model(opts, task.classes_per_step)
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    method = opts.method_cls(opts, task)
+    trainer = Trainer(student, teacher, method, opts, torch.device("cpu"), lr=0.01, iters_per_epoch=1, epochs=1)
+    assert trainer.teacher_forward is teacher
+    student.train()
+    student.freeze_bn()  # what train_epoch does under --fix_bn
+    x = torch.randn(2, 3, 64, 64)
+    out = student(x)  # with gradients, as in a training step
+    with torch.no_grad():
+        expected = trainer.teacher_forward(x)
+    for got, want in zip(out["stages"], expected["stages"], strict=True):
+        assert torch.equal(got.detach(), want)  # bit for bit
+    loss = pod_loss(expected["stages"], out["stages"], [0.01] * 4, (1, 2, 4))
+    loss.backward()
+    assert loss.item() == 0  # POD starts at exactly 0 ...
+    assert all(p.grad is None or not p.grad.any() for p in student.parameters())  # ... with no gradient
+    folded = Precision(torch.device("cpu"), False).inference_copy(teacher)
+    with torch.no_grad():
+        rounded = folded(x)["stages"]
+    assert any(not torch.equal(a.float().contiguous(), b) for a, b in zip(rounded, expected["stages"]))
 
 
 def test_precision_copy_dtype():

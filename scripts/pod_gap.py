@@ -1,0 +1,119 @@
+"""How much of PLOP's POD distance at the start of a step is batch norm, not forgetting.
+
+At step t the teacher (the step t-1 model) runs with its running statistics, the student (the
+same weights at the first iteration) in training mode with the statistics of its batch, as in
+the reference.  So POD starts above zero even though nothing has been forgotten yet.  This
+script measures that gap per distilled layer and batch size, on the training images of step
+t-1 (where the running statistics were gathered) and of step t (what POD sees):
+
+    d_l = || Phi(f(train-mode map)) - Phi(f(eval-mode map)) ||_2 / || Phi(f(eval-mode map)) ||_2
+
+(Phi the Local POD embedding, f the ``--pod_prepro`` transform), averaged over images and
+batches.  On step t-1's images it is batch noise and shrinks with the batch size; on step t's
+it also holds the shift between the two steps' image statistics, which no batch size removes.
+
+    python scripts/pod_gap.py --dataset shapes --task 15-1 --overlap --step 1 \\
+        $(cat scripts/demo_flags.txt) --logdir runs --name PLOP --batch_sizes 4 16 64
+    python scripts/pod_gap.py ... --ckpt path/to/step-0.pth   # any step t-1 checkpoint
+
+Takes run.py's flags (dataset, task, model, ``--step t``); the checkpoint defaults to the
+run's ``step-{t-1}.pth``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import run  # noqa: E402  (run.py's model and checkpoint helpers)
+from argparser import parse_args, run_dir  # noqa: E402
+from dataset import build_datasets  # noqa: E402
+from dataset.tasks import Task  # noqa: E402
+from dataset.transforms import device_batch  # noqa: E402
+from methods.pod import PREPRO, dense_fp32, local_pod_embedding  # noqa: E402
+from utils import checkpoint  # noqa: E402
+from utils.distributed import DistInfo  # noqa: E402
+
+LAYERS = ["stage 1", "stage 2", "stage 3", "stage 4", "head"]
+
+
+def feature_maps(out: dict) -> list[torch.Tensor]:
+    """The five feature maps POD distils (the stride-16 logits are left out: at identical
+    weights their gap is the features' gap passed through the classifier)."""
+    return [dense_fp32(t) for t in out["stages"]] + [dense_fp32(out["pre_logits"])]
+
+
+@torch.no_grad()
+def norm_mode_gap(model: nn.Module, images: torch.Tensor, scales=(1, 2, 4), prepro: str = "pow") -> list[float]:
+    """Per layer, the mean over ``images`` of the relative POD distance between ``model`` with
+    batch statistics (training mode) and with running statistics (eval mode).  ``model`` is not
+    modified: the training-mode pass runs on a copy, so no running statistic moves."""
+    f = PREPRO[prepro]
+    train_mode = copy.deepcopy(model).train()
+    eval_mode = copy.deepcopy(model).eval()
+    gaps = []
+    for a, b in zip(feature_maps(eval_mode(images)), feature_maps(train_mode(images)), strict=True):
+        reference = local_pod_embedding(f(a), scales)
+        distance = (local_pod_embedding(f(b), scales) - reference).norm(dim=1)
+        gaps.append((distance / reference.norm(dim=1).clamp_min(1e-12)).mean().item())
+    return gaps
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", default=None, help="step t-1 checkpoint (default: the run's step-{t-1}.pth)")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--batches", type=int, default=4, help="batches averaged per batch size")
+    args, run_argv = parser.parse_known_args(argv)
+    opts = parse_args(run_argv)
+    if len(opts.step) != 1 or opts.step[0] < 1:
+        raise SystemExit("error: pass one incremental step, --step t with t >= 1 (the teacher is step t-1)")
+    step = opts.step[0]
+    torch.manual_seed(opts.random_seed)
+    device = torch.device("cpu" if opts.device == "cpu" or not torch.cuda.is_available() else "cuda")
+
+    task = Task(opts.dataset, opts.task, step)
+    path = Path(args.ckpt) if args.ckpt else run_dir(opts) / f"step-{step - 1}.pth"
+    state = checkpoint.load(path)
+    run.check_checkpoint(state, task.at(step - 1), path)
+    info = DistInfo(device=device)
+    model = run.build_model(opts, task.at(step - 1), info, pretrained=False)
+    run.load_weights(model, state["model"], path)
+
+    print(f"{path}: POD distance between training-mode and eval-mode maps of the same weights, relative to "
+          f"the eval-mode embedding (mean of {args.batches} batches)")
+    for data_step in (step - 1, step):
+        images = build_datasets(opts, task.at(data_step))[0]
+        print(f"\non the training images of step {data_step}" + (" (where the running statistics were "
+              "gathered)" if data_step < step else " (what POD sees)"))
+        print("batch | " + " | ".join(f"{name:>7}" for name in LAYERS))
+        for batch_size in args.batch_sizes:
+            print(f"{batch_size:5d} | " + gap_row(model, images, batch_size, args.batches, opts, device))
+
+
+def gap_row(model, dataset, batch_size: int, batches: int, opts, device) -> str:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
+    per_batch = []
+    for i, (images, labels) in enumerate(loader):
+        if i == batches:
+            break
+        per_batch.append(norm_mode_gap(model, device_batch(images, labels, device)[0], opts.spp_scales,
+                                       opts.pod_prepro))
+    if not per_batch:
+        return f"(the training set holds fewer than {batch_size} images)"
+    return " | ".join(f"{statistics.mean(column):7.3f}" for column in zip(*per_batch))
+
+if __name__ == "__main__":
+    try:
+        main()
+    except run.USER_ERRORS as exc:
+        print(f"error: {run.one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
