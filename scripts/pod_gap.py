@@ -38,32 +38,26 @@ from argparser import parse_args, run_dir  # noqa: E402
 from dataset import build_datasets  # noqa: E402
 from dataset.tasks import Task  # noqa: E402
 from dataset.transforms import device_batch  # noqa: E402
-from methods.pod import PREPRO, dense_fp32, local_pod_embedding  # noqa: E402
+from methods.pod import PREPRO, distilled_layers, local_pod_embedding, pod_distance  # noqa: E402
 from utils import checkpoint  # noqa: E402
-from utils.distributed import DistInfo  # noqa: E402
+from utils.distributed import DistInfo, resolve_device  # noqa: E402
+from utils.errors import ConfigError  # noqa: E402
 
 LAYERS = ["stage 1", "stage 2", "stage 3", "stage 4", "head"]
-
-
-def feature_maps(out: dict) -> list[torch.Tensor]:
-    """The five feature maps POD distils (the stride-16 logits are left out: at identical
-    weights their gap is the features' gap passed through the classifier)."""
-    return [dense_fp32(t) for t in out["stages"]] + [dense_fp32(out["pre_logits"])]
 
 
 @torch.no_grad()
 def norm_mode_gap(model: nn.Module, images: torch.Tensor, scales=(1, 2, 4), prepro: str = "pow") -> list[float]:
     """Per layer, the mean over ``images`` of the relative POD distance between ``model`` with
     batch statistics (training mode) and with running statistics (eval mode).  ``model`` is not
-    modified: the training-mode pass runs on a copy, so no running statistic moves."""
-    f = PREPRO[prepro]
-    train_mode = copy.deepcopy(model).train()
-    eval_mode = copy.deepcopy(model).eval()
+    modified: the training-mode pass runs on a copy, so no running statistic moves.  The five
+    feature layers only: at identical weights the logits' gap is theirs through the classifier."""
+    teacher = distilled_layers(copy.deepcopy(model).eval()(images), with_logits=False)
+    student = distilled_layers(copy.deepcopy(model).train()(images), with_logits=False)
     gaps = []
-    for a, b in zip(feature_maps(eval_mode(images)), feature_maps(train_mode(images)), strict=True):
-        reference = local_pod_embedding(f(a), scales)
-        distance = (local_pod_embedding(f(b), scales) - reference).norm(dim=1)
-        gaps.append((distance / reference.norm(dim=1).clamp_min(1e-12)).mean().item())
+    for a, b in zip(teacher, student, strict=True):
+        size = local_pod_embedding(PREPRO[prepro](a), scales).norm(dim=1).clamp_min(1e-12)
+        gaps.append((pod_distance(a, b, scales, prepro) / size).mean().item())
     return gaps
 
 
@@ -75,10 +69,11 @@ def main(argv=None) -> None:
     args, run_argv = parser.parse_known_args(argv)
     opts = parse_args(run_argv)
     if len(opts.step) != 1 or opts.step[0] < 1:
-        raise SystemExit("error: pass one incremental step, --step t with t >= 1 (the teacher is step t-1)")
+        raise ConfigError(f"pod_gap.py needs one incremental step, got --step {' '.join(map(str, opts.step))}; "
+                          "pass --step t with t >= 1 (the teacher is step t-1)")
     step = opts.step[0]
     torch.manual_seed(opts.random_seed)
-    device = torch.device("cpu" if opts.device == "cpu" or not torch.cuda.is_available() else "cuda")
+    device = resolve_device(opts.device, 0)
 
     task = Task(opts.dataset, opts.task, step)
     path = Path(args.ckpt) if args.ckpt else run_dir(opts) / f"step-{step - 1}.pth"
@@ -110,6 +105,7 @@ def gap_row(model, dataset, batch_size: int, batches: int, opts, device) -> str:
     if not per_batch:
         return f"(the training set holds fewer than {batch_size} images)"
     return " | ".join(f"{statistics.mean(column):7.3f}" for column in zip(*per_batch))
+
 
 if __name__ == "__main__":
     try:

@@ -81,6 +81,9 @@ def test_pod_gap_script_reports_both_steps_images_and_changes_nothing(trained):
     gaps = [float(x) for r in rows for x in r[1:]]
     assert len(gaps) == 20 and all(g > 0 for g in gaps)
     assert snapshot(run_dir) == before
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "pod_gap.py"), *TINY, "--task", "15-1",
+                           "--step", "0"], capture_output=True, text=True, env=env, timeout=600)
+    assert_user_error(proc, "--step 0", "--step t with t >= 1")
 
 
 def test_test_mode_reproduces_training_result(trained):
