@@ -72,7 +72,7 @@ def main(argv=None) -> None:
         raise ConfigError(f"pod_gap.py needs one incremental step, got --step {' '.join(map(str, opts.step))}; "
                           "pass --step t with t >= 1 (the teacher is step t-1)")
     step = opts.step[0]
-    torch.manual_seed(opts.random_seed)
+    run.seed_everything(opts.random_seed)  # crops, flips and the batches drawn: one seed, one table
     device = resolve_device(opts.device, 0)
 
     task = Task(opts.dataset, opts.task, step)
