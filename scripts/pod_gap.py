@@ -11,6 +11,8 @@ t-1 (where the running statistics were gathered) and of step t (what POD sees):
 (Phi the Local POD embedding, f the ``--pod_prepro`` transform), averaged over images and
 batches.  On step t-1's images it is batch noise and shrinks with the batch size; on step t's
 it also holds the shift between the two steps' image statistics, which no batch size removes.
+Below each table: how far those images' channel means sit from the first norm layer's running
+means, in running standard deviations (the shift at its source).
 
     python scripts/pod_gap.py --dataset shapes --task 15-1 --overlap --step 1 \\
         $(cat scripts/demo_flags.txt) --logdir runs --name PLOP --batch_sizes 4 16 64
@@ -39,6 +41,7 @@ from dataset import build_datasets  # noqa: E402
 from dataset.tasks import Task  # noqa: E402
 from dataset.transforms import device_batch  # noqa: E402
 from methods.pod import PREPRO, distilled_layers, local_pod_embedding, pod_distance  # noqa: E402
+from modules.norm import is_norm_layer  # noqa: E402
 from utils import checkpoint  # noqa: E402
 from utils.distributed import DistInfo, resolve_device  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
@@ -59,6 +62,23 @@ def norm_mode_gap(model: nn.Module, images: torch.Tensor, scales=(1, 2, 4), prep
         size = local_pod_embedding(PREPRO[prepro](a), scales).norm(dim=1).clamp_min(1e-12)
         gaps.append((pod_distance(a, b, scales, prepro) / size).mean().item())
     return gaps
+
+
+@torch.no_grad()
+def first_norm_shift(model: nn.Module, images: torch.Tensor) -> float:
+    """How far ``images`` move the first norm layer's input from its running statistics: the mean
+    over channels of |batch mean - running mean| / running standard deviation."""
+    norm = next(m for m in model.modules() if is_norm_layer(m))
+    seen = []
+    handle = norm.register_forward_pre_hook(lambda module, args: seen.append(args[0].float()))
+    training = model.training
+    try:
+        model.eval()(images)
+    finally:
+        handle.remove()
+        model.train(training)
+    batch_mean = seen[0].mean(dim=(0, 2, 3))
+    return ((batch_mean - norm.running_mean.float()).abs() / norm.running_var.float().sqrt()).mean().item()
 
 
 def main(argv=None) -> None:
@@ -92,18 +112,20 @@ def main(argv=None) -> None:
         print("batch | " + " | ".join(f"{name:>7}" for name in LAYERS))
         for batch_size in args.batch_sizes:
             print(f"{batch_size:5d} | " + gap_row(model, images, batch_size, args.batches, opts, device))
+        batch = next(iter(torch.utils.data.DataLoader(images, batch_size=max(args.batch_sizes), shuffle=True)))
+        shift = first_norm_shift(model, device_batch(batch[0], batch[1], device)[0])
+        print(f"first norm layer: channel means {shift:.3f} running standard deviations from the running "
+              f"means (mean over channels, {len(batch[0])} images)")
 
 
 def gap_row(model, dataset, batch_size: int, batches: int, opts, device) -> str:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
-    per_batch = []
-    for i, (images, labels) in enumerate(loader):
-        if i == batches:
-            break
-        per_batch.append(norm_mode_gap(model, device_batch(images, labels, device)[0], opts.spp_scales,
-                                       opts.pod_prepro))
-    if not per_batch:
+    if len(dataset) < batch_size:
         return f"(the training set holds fewer than {batch_size} images)"
+    # ``batches`` full batches, drawn through as many shuffled passes over the set as they need
+    sampler = torch.utils.data.RandomSampler(dataset, num_samples=batches * batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+    per_batch = [norm_mode_gap(model, device_batch(images, labels, device)[0], opts.spp_scales, opts.pod_prepro)
+                 for images, labels in loader]
     return " | ".join(f"{statistics.mean(column):7.3f}" for column in zip(*per_batch))
 
 

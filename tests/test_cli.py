@@ -80,6 +80,7 @@ def test_pod_gap_script_reports_both_steps_images_and_changes_nothing(trained):
     assert [int(r[0]) for r in rows] == [2, 4, 2, 4]
     gaps = [float(x) for r in rows for x in r[1:]]
     assert len(gaps) == 20 and all(g > 0 for g in gaps)
+    assert proc.stdout.count("first norm layer: channel means") == 2
     assert snapshot(run_dir) == before
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "pod_gap.py"), *TINY, "--task", "15-1",
                            "--step", "0"], capture_output=True, text=True, env=env, timeout=600)

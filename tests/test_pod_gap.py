@@ -73,3 +73,24 @@ def test_batch_norm_gap_is_zero_at_matching_statistics_and_leaves_the_model_unto
     assert not net.training
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_first_norm_shift_in_running_standard_deviations():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Identity()
+            self.bn = nn.BatchNorm2d(2)
+            self.later = nn.BatchNorm2d(2)  # not the first: ignored
+
+        def forward(self, x):
+            return self.later(self.bn(self.conv(x)))
+
+    net = Net().train()
+    net.bn.running_mean.copy_(torch.tensor([1.0, -2.0]))
+    net.bn.running_var.copy_(torch.tensor([4.0, 0.25]))
+    x = torch.randn(4, 2, 5, 5)
+    x = x - x.mean(dim=(0, 2, 3), keepdim=True) + torch.tensor([2.0, -2.5]).view(1, 2, 1, 1)
+    # |2 - 1| / 2 = 0.5 and |-2.5 + 2| / 0.5 = 1.0
+    assert pod_gap.first_norm_shift(net, x) == pytest.approx(0.75, rel=1e-5)
+    assert net.training and net.bn.running_mean.tolist() == [1.0, -2.0]
