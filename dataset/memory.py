@@ -31,6 +31,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from utils.modes import eval_mode
+
 from .errors import DataError
 from .incremental import IncrementalSegmentation
 from .transforms import device_batch
@@ -69,15 +71,13 @@ def candidate_presence(model: nn.Module, dataset: IncrementalSegmentation, devic
     loader = DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers)
     rows = torch.zeros(len(dataset), NUM_VALUES, dtype=torch.int32, device=device)
-    was_training = model.training
-    model.eval()
     start = 0
-    for images, labels in loader:
-        images, labels = device_batch(images, labels, device)
-        present = batch_presence(labels, model(images)["logits"])
-        rows[shard[start:start + len(present)]] = present.to(torch.int32)
-        start += len(present)
-    model.train(was_training)
+    with eval_mode(model):
+        for images, labels in loader:
+            images, labels = device_batch(images, labels, device)
+            present = batch_presence(labels, model(images)["logits"])
+            rows[shard[start:start + len(present)]] = present.to(torch.int32)
+            start += len(present)
     if world > 1:
         dist.all_reduce(rows)
     return (rows > 0).cpu().numpy()

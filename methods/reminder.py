@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from utils.modes import eval_mode
+
 from . import register
 from .base import IGNORE_INDEX, MethodStateError, StepContext
 from .plop import PLOP, image_label_batches
@@ -106,18 +108,17 @@ def step_prototypes(model: torch.nn.Module, batches, first: int, count: int, aut
     """Prototypes (count, C) of classes ``first ..`` from the head output of ``model`` (eval
     mode): the mean over batches containing a class of its batch prototype, all ranks' batches
     together (``Trainer.update_prototypes``); classes never seen stay 0 like the reference."""
-    was_training = model.training
-    model.eval()
     total = counts = None
-    for images, labels in batches:
-        with autocast():
-            features = model(images)["pre_logits"]
-        sums, pixels = class_feature_sums(features.float(), labels, first, count)
-        present = pixels > 0
-        batch_means = torch.where(present[:, None], sums / pixels.clamp(min=1)[:, None], torch.zeros_like(sums))
-        total = batch_means if total is None else total + batch_means
-        counts = present.float() if counts is None else counts + present.float()
-    model.train(was_training)
+    with eval_mode(model):
+        for images, labels in batches:
+            with autocast():
+                features = model(images)["pre_logits"]
+            sums, pixels = class_feature_sums(features.float(), labels, first, count)
+            present = pixels > 0
+            batch_means = torch.where(present[:, None], sums / pixels.clamp(min=1)[:, None],
+                                      torch.zeros_like(sums))
+            total = batch_means if total is None else total + batch_means
+            counts = present.float() if counts is None else counts + present.float()
     if total is None:
         raise ValueError("the training loader yielded no batch; cannot compute REMINDER prototypes")
     all_reduce(total)

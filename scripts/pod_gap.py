@@ -28,6 +28,7 @@ import copy
 import statistics
 import sys
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -45,18 +46,24 @@ from modules.norm import is_norm_layer  # noqa: E402
 from utils import checkpoint  # noqa: E402
 from utils.distributed import DistInfo, resolve_device  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
+from utils.modes import eval_mode  # noqa: E402
 
 LAYERS = ["stage 1", "stage 2", "stage 3", "stage 4", "head"]
 
 
 @torch.no_grad()
-def norm_mode_gap(model: nn.Module, images: torch.Tensor, scales=(1, 2, 4), prepro: str = "pow") -> list[float]:
+def norm_mode_gap(model: nn.Module, images: torch.Tensor, scales=(1, 2, 4), prepro: str = "pow",
+                  train_copy: Optional[nn.Module] = None) -> list[float]:
     """Per layer, the mean over ``images`` of the relative POD distance between ``model`` with
     batch statistics (training mode) and with running statistics (eval mode).  ``model`` is not
-    modified: the training-mode pass runs on a copy, so no running statistic moves.  The five
-    feature layers only: at identical weights the logits' gap is theirs through the classifier."""
-    teacher = distilled_layers(copy.deepcopy(model).eval()(images), with_logits=False)
-    student = distilled_layers(copy.deepcopy(model).train()(images), with_logits=False)
+    modified: the training-mode pass runs on ``train_copy`` (a copy of ``model``, made here if
+    not given; its moved running statistics do not matter to training-mode outputs, so one copy
+    serves every batch).  The five feature layers only: at identical weights the logits' gap is
+    theirs through the classifier."""
+    train_copy = copy.deepcopy(model) if train_copy is None else train_copy
+    with eval_mode(model):
+        teacher = distilled_layers(model(images), with_logits=False)
+    student = distilled_layers(train_copy.train()(images), with_logits=False)
     gaps = []
     for a, b in zip(teacher, student, strict=True):
         size = local_pod_embedding(PREPRO[prepro](a), scales).norm(dim=1).clamp_min(1e-12)
@@ -71,12 +78,11 @@ def first_norm_shift(model: nn.Module, images: torch.Tensor) -> float:
     norm = next(m for m in model.modules() if is_norm_layer(m))
     seen = []
     handle = norm.register_forward_pre_hook(lambda module, args: seen.append(args[0].float()))
-    training = model.training
     try:
-        model.eval()(images)
+        with eval_mode(model):
+            model(images)
     finally:
         handle.remove()
-        model.train(training)
     batch_mean = seen[0].mean(dim=(0, 2, 3))
     return ((batch_mean - norm.running_mean.float()).abs() / norm.running_var.float().sqrt()).mean().item()
 
@@ -102,6 +108,7 @@ def main(argv=None) -> None:
     info = DistInfo(device=device)
     model = run.build_model(opts, task.at(step - 1), info, pretrained=False)
     run.load_weights(model, state["model"], path)
+    train_copy = copy.deepcopy(model)
 
     print(f"{path}: POD distance between training-mode and eval-mode maps of the same weights, relative to "
           f"the eval-mode embedding (mean of {args.batches} batches)")
@@ -111,21 +118,21 @@ def main(argv=None) -> None:
               "gathered)" if data_step < step else " (what POD sees)"))
         print("batch | " + " | ".join(f"{name:>7}" for name in LAYERS))
         for batch_size in args.batch_sizes:
-            print(f"{batch_size:5d} | " + gap_row(model, images, batch_size, args.batches, opts, device))
+            print(f"{batch_size:5d} | " + gap_row(model, train_copy, images, batch_size, args.batches, opts, device))
         batch = next(iter(torch.utils.data.DataLoader(images, batch_size=max(args.batch_sizes), shuffle=True)))
         shift = first_norm_shift(model, device_batch(batch[0], batch[1], device)[0])
         print(f"first norm layer: channel means {shift:.3f} running standard deviations from the running "
               f"means (mean over channels, {len(batch[0])} images)")
 
 
-def gap_row(model, dataset, batch_size: int, batches: int, opts, device) -> str:
+def gap_row(model, train_copy, dataset, batch_size: int, batches: int, opts, device) -> str:
     if len(dataset) < batch_size:
         return f"(the training set holds fewer than {batch_size} images)"
     # ``batches`` full batches, drawn through as many shuffled passes over the set as they need
     sampler = torch.utils.data.RandomSampler(dataset, num_samples=batches * batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler)
-    per_batch = [norm_mode_gap(model, device_batch(images, labels, device)[0], opts.spp_scales, opts.pod_prepro)
-                 for images, labels in loader]
+    per_batch = [norm_mode_gap(model, device_batch(images, labels, device)[0], opts.spp_scales, opts.pod_prepro,
+                               train_copy) for images, labels in loader]
     return " | ".join(f"{statistics.mean(column):7.3f}" for column in zip(*per_batch))
 
 

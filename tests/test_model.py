@@ -201,6 +201,27 @@ def test_freeze_bn_survives_train():
     assert model.body.mod1.conv1.weight.requires_grad
 
 
+def test_eval_mode_restores_the_mode_also_on_error_and_keeps_fix_bn():
+    from utils.modes import eval_mode
+
+    model = make_model(_opts(), [3, 1])
+    model.freeze_bn()
+    model.train()
+    with eval_mode(model):
+        assert not model.training and not model.cls[0].training
+    assert model.training and model.cls[0].training
+    norms = [m for m in model.modules() if is_norm_layer(m)]
+    assert all(not m.training for m in norms)  # still frozen after the restore
+    with pytest.raises(RuntimeError):
+        with eval_mode(model):
+            raise RuntimeError("inside")
+    assert model.training
+    model.eval()
+    with eval_mode(model):
+        pass
+    assert not model.training
+
+
 def test_channels_last_gives_the_same_output():
     model = make_model(_opts(), [4]).eval()
     x = torch.randn(2, 3, 37, 41)
