@@ -102,10 +102,18 @@ def build_head(opts, in_channels: int, norm_act: Callable[[int], nn.Module], bn_
     return DeeplabV3(in_channels, channels, channels, norm_act, opts.output_stride, opts.pooling), linear_classifiers
 
 
+def shapes_pretrained_file(backbone: str, width: float, norm_act: str) -> Path:
+    """Where ``scripts/pretrain_shapes.py`` writes the pool-pretrained body of the shapes set."""
+    return PRETRAINED_DIR / f"shapes_{backbone}_w{width:g}_{norm_act}.pth.tar"
+
+
 def pretrained_path(opts) -> Path:
-    """``--pretrained``, or the reference's ``pretrained/{backbone}_{norm_act}.pth.tar`` (§3.5)."""
+    """``--pretrained``, else the default file: ImageNet's ``pretrained/{backbone}_{norm_act}.pth.tar``
+    (§3.5), or for ``--dataset shapes`` the body pretrained on its pool (its ImageNet)."""
     if opts.pretrained:
         return Path(opts.pretrained)
+    if getattr(opts, "dataset", None) == "shapes":
+        return shapes_pretrained_file(opts.backbone, opts.width, opts.norm_act)
     return PRETRAINED_DIR / f"{opts.backbone}_{opts.norm_act}.pth.tar"
 
 
@@ -114,6 +122,13 @@ def check_pretrained(opts) -> Optional[Path]:
     if opts.no_pretrained:
         return None
     path = pretrained_path(opts)
+    if getattr(opts, "dataset", None) == "shapes" and not opts.pretrained:
+        if not path.is_file():
+            raise PretrainedWeightsError(
+                f"pretrained weights {path} are missing; write them with python scripts/pretrain_shapes.py "
+                f"--backbone {opts.backbone} --width {opts.width:g} --norm_act {opts.norm_act} "
+                "(see pretrained/README.md), or pass --no_pretrained to train from scratch")
+        return path
     if opts.width != 1 and not opts.pretrained:  # the ImageNet files are full width
         raise PretrainedWeightsError(
             f"--width {opts.width} changes every channel count, so ImageNet weights cannot be loaded; "

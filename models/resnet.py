@@ -28,7 +28,8 @@ RESNETS = {
 }
 # output stride -> dilation of mod2..mod5 (PLOP ``ResNet.__init__``); a stage with dilation 1
 # (but mod2) starts with a stride-2 block, a dilated stage keeps the resolution.
-STAGE_DILATIONS = {16: (1, 1, 1, 2), 8: (1, 1, 2, 4)}
+# 32 is the undilated classifier layout, in which backbones are pretrained (scripts/pretrain_shapes.py).
+STAGE_DILATIONS = {32: (1, 1, 1, 1), 16: (1, 1, 1, 2), 8: (1, 1, 2, 4)}
 
 
 class ModelConfigError(ConfigError):

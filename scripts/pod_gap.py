@@ -123,6 +123,12 @@ def main(argv=None) -> None:
         shift = first_norm_shift(model, device_batch(batch[0], batch[1], device)[0])
         print(f"first norm layer: channel means {shift:.3f} running standard deviations from the running "
               f"means (mean over channels, {len(batch[0])} images)")
+    print(f"\nfirst norm layer shift of every step's training images under {path.name} "
+          f"({max(args.batch_sizes)} images each)")
+    for data_step in range(task.num_steps):
+        images = build_datasets(opts, task.at(data_step))[0]
+        batch = next(iter(torch.utils.data.DataLoader(images, batch_size=max(args.batch_sizes), shuffle=True)))
+        print(f"step {data_step}: {first_norm_shift(model, device_batch(batch[0], batch[1], device)[0]):.3f}")
 
 
 def gap_row(model, train_copy, dataset, batch_size: int, batches: int, opts, device) -> str:

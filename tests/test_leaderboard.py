@@ -1,0 +1,73 @@
+"""scripts/leaderboard.py: the rank correlation, the seed summary, and the README's example
+method put on the leaderboard from a copy of the repository, as a user would."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _leaderboard():
+    spec = importlib.util.spec_from_file_location("leaderboard", ROOT / "scripts" / "leaderboard.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_spearman_by_hand():
+    lb = _leaderboard()
+    assert lb.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert lb.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties share their mean rank: ranks (1, 2.5, 2.5, 4) against (1, 2, 3, 4) -> 4.5 / sqrt(4.5 * 5)
+    assert lb.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+
+
+def _row(name, step, all_, old=0.5, new=0.1, hiou=0.2):
+    return {"dataset": "shapes", "task": "15-1", "overlap": True, "name": name, "step": step,
+            "miou_all": all_, "miou_old": old, "miou_new": new, "hiou": hiou}
+
+
+def test_summary_over_seeds_uses_the_shared_step0():
+    lb = _leaderboard()
+    rows = [_row("FT", 0, 0.80, old=0.80, new=None, hiou=None),
+            _row("MiB-seed42", 1, 0.60), _row("MiB-seed42", 2, 0.40, old=0.30),
+            _row("MiB-seed1", 1, 0.50), _row("MiB-seed1", 2, 0.20, old=0.50)]
+    (row,) = lb.summarise(rows, {"MiB": [42, 1]})
+    assert row["seeds"] == 2
+    assert row["miou_old"] == pytest.approx(40.0) and row["miou_old_sd"] == pytest.approx(14.1421356)
+    assert row["miou_all"] == pytest.approx(30.0)
+    # avg: mean over steps 0-2 of each seed (step 0 from FT's run), then over seeds
+    assert row["avg"] == pytest.approx(100 * ((0.8 + 0.6 + 0.4) / 3 + (0.8 + 0.5 + 0.2) / 3) / 2)
+    assert (row["voc_old"], row["voc_new"], row["voc_all"]) == (35.1, 13.5, 29.7)
+
+
+def test_readme_shows_the_example_method_file_verbatim():
+    example = (ROOT / "docs" / "example_method.py").read_text()
+    assert example.strip() in (ROOT / "README.md").read_text()
+
+
+def test_example_method_on_the_leaderboard(tmp_path):
+    """The README's walk-through: drop the file into methods/, run one command, read the table."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", "runs", "results", ".cache", "__pycache__",
+                                                              "*.pth"))
+    shutil.copy(ROOT / "docs" / "example_method.py", repo / "methods" / "pkd.py")
+    tiny = ["--backbone", "resnet18", "--width", "0.125", "--no_pretrained", "--crop_size", "32",
+            "--shapes_image_size", "32", "--shapes_train_size", "160", "--shapes_val_size", "40",
+            "--batch_size", "8", "--epochs", "1", "--num_workers", "0", "--sample_num", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "scripts/leaderboard.py", "--methods", "PKD", "--seeds", "42",
+                           "--last_step", "1", "--logdir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
+                           *tiny], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| PKD | 1 |" in table
+    log = (tmp_path / "runs" / "shapes" / "15-1-ov" / "PKD-seed42" / "log.txt").read_text()
+    assert "pkd" in log and "unkd" in log  # the new term trained beside MiB's

@@ -1,0 +1,56 @@
+"""The shapes set's ImageNet: scripts/pretrain_shapes.py is deterministic, writes the file step 0
+loads by default, and that file is the one shipped in pretrained/."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from argparser import parse_args
+from segmentation_module import PretrainedWeightsError, make_model, pretrained_path, read_pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = (ROOT / "scripts" / "demo_flags.txt").read_text().split()
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("pretrain_shapes", ROOT / "scripts" / "pretrain_shapes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pretraining_is_deterministic_and_learns():
+    script = _script()
+    kwargs = dict(width=0.125, images=256, epochs=2, batch_size=32, lr=0.05, val_images=64, log=lambda _: None)
+    first, meta = script.pretrain(**kwargs)
+    second, _ = script.pretrain(**kwargs)
+    assert first["state_dict"].keys() == second["state_dict"].keys()
+    for key, value in first["state_dict"].items():
+        assert torch.equal(value, second["state_dict"][key]), key
+    assert "classifier.fc.weight" in first["state_dict"] and meta["categories"] >= 50
+    # the body moved away from its initialisation
+    torch.manual_seed(0)
+    fresh = script.PoolClassifier(script.build_backbone("resnet18", script.make_norm_act("abn"), 32, 0.125),
+                                  meta["categories"])
+    assert not torch.equal(fresh.body.state_dict()["mod1.conv1.weight"], first["state_dict"]["mod1.conv1.weight"])
+
+
+def test_step0_of_the_demo_loads_the_shipped_pool_weights():
+    opts = parse_args(["--dataset", "shapes", "--task", "15-1", *DEMO])
+    assert not opts.no_pretrained
+    path = pretrained_path(opts)
+    assert path.parent == ROOT / "pretrained" and path.is_file()
+    expected = read_pretrained(path)  # the body's keys, classifier dropped
+    body = make_model(opts, [16]).body.state_dict()
+    assert set(expected) <= set(body) and len(expected) >= len(body) - 1
+    for key, value in expected.items():
+        assert torch.equal(body[key], value), key
+
+
+def test_missing_pool_weights_name_the_script():
+    opts = parse_args(["--dataset", "shapes", "--backbone", "resnet34", "--width", "0.5", "--norm_act", "abn"])
+    with pytest.raises(PretrainedWeightsError, match="scripts/pretrain_shapes.py --backbone resnet34 --width 0.5"):
+        make_model(opts, [16])
