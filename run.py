@@ -10,8 +10,10 @@ Per requested step: data -> student (+ frozen teacher from step t-1) -> method -
 from __future__ import annotations
 
 import copy
+import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -253,21 +255,30 @@ def one_line(exc: Exception) -> str:
     return message
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM; a KeyboardInterrupt, so DataLoader workers end quietly on it too."""
+def exit_on_signals() -> None:
+    """SIGINT and SIGTERM end the process at once with one line on how to resume, exit 130/143.
 
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
+    A thread waits for them (they are blocked in every other thread), so they act even while the
+    main thread is inside C++ -- a collective, a kernel, a checkpoint write -- where a Python
+    handler would run only when it returns.  Stopping anywhere is safe because every file a run
+    writes is published by an atomic rename: the last epoch checkpoint stays as it was, and a
+    temp file left by an unfinished write is removed on the next start.
+    """
+    signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
 
+    def wait():
+        signum = signal.sigwait(signals)
+        sys.stderr.write(f"interrupted by {signal.Signals(signum).name}; the last epoch checkpoint is kept: "
+                         "rerun the same command to resume\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)
 
-def _interrupt(signum, frame):
-    raise Interrupted(signum)
+    threading.Thread(target=wait, name="signals", daemon=True).start()
 
 
 def main(argv=None) -> int:
-    """Exit codes: 0 done, 2 a problem the one printed line names, 130/143 SIGINT/SIGTERM."""
-    handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    """Exit codes: 0 done, 2 a problem the one printed line names (130/143: exit_on_signals)."""
     try:
         opts = parse_args(argv)
         info = init_distributed(opts.device)
@@ -283,17 +294,10 @@ def main(argv=None) -> int:
         print(f"error: cannot write{where} ({exc.strerror or exc}); make --logdir writable or free disk space, "
               "then rerun the same command", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:
-        signum = getattr(exc, "signum", signal.SIGINT)
-        print(f"interrupted by {signal.Signals(signum).name}; the last epoch checkpoint is kept: rerun the same "
-              "command to resume", file=sys.stderr)
-        return 128 + signum
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
     return 0
 
 
 if __name__ == "__main__":
     keep_freed_memory()  # before the first large allocation; see utils/malloc.py
+    exit_on_signals()  # before any thread starts, so that all of them inherit the blocked signals
     sys.exit(main())

@@ -73,6 +73,22 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process started under ``pid`` (torchrun puts its ranks in sessions of their own)."""
+    found = children(pid)
+    for child in list(found):
+        found += descendants(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def launch(cwd: Path, nproc: int, workers: int, fault: tuple | None, log) -> int:
     """One launch with at most one fault; returns its exit code (negative: killed by a signal)."""
     env = environment(**({KILL_IN_SAVE_ENV: str(fault[1])} if fault and fault[0] == "save" else {}))
@@ -84,17 +100,16 @@ def launch(cwd: Path, nproc: int, workers: int, fault: tuple | None, log) -> int
                 proc.wait(timeout=fault[1])
             except subprocess.TimeoutExpired:
                 if fault[0] == "time":
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    kill_tree(proc.pid)
                 else:
                     ranks = children(proc.pid)
                     if ranks:
                         os.kill(random.Random(fault[1]).choice(ranks), signal.SIGKILL)
-        code = proc.wait(timeout=600)
-        if code < 0:  # the launcher died: end what it started (its session)
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        try:
+            code = proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc.pid)
+            code = proc.wait()
     log(f"  launch with {workers} workers, fault {fault}: exit {code}")
     return code
 
