@@ -294,6 +294,9 @@ def main(argv=None) -> int:
         print(f"error: cannot write{where} ({exc.strerror or exc}); make --logdir writable or free disk space, "
               "then rerun the same command", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # main() called without exit_on_signals (from Python)
+        print("interrupted; the last epoch checkpoint is kept: rerun the same command to resume", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -137,8 +137,11 @@ def compare(reference: Path, chaos: Path) -> list[str]:
     return problems
 
 
-def chaos(workdir: Path, nproc: int = 1, kills: int = 3, seed: int = 0, log=print) -> list[str]:
-    """Reference run, then ``kills`` faulty launches and resumes; returns the problems found."""
+def chaos(workdir: Path, nproc: int = 1, kills: int = 3, seed: int = 0, log=print, kinds=None) -> list[str]:
+    """Reference run, then ``kills`` faulty launches and resumes; returns the problems found.
+
+    ``kinds``: the faults, in this order first, then drawn at random (default: save, time, and
+    rank when ``nproc`` > 1)."""
     rng = random.Random(seed)
     reference, chaotic = workdir / "reference", workdir / "chaos"
     reference.mkdir(parents=True)
@@ -148,10 +151,10 @@ def chaos(workdir: Path, nproc: int = 1, kills: int = 3, seed: int = 0, log=prin
     duration = time.perf_counter() - start
     if code != 0:
         return [f"the reference run failed (exit {code}); see {reference / 'launches.log'}"]
-    kinds = ["save", "time"] + (["rank"] if nproc > 1 else [])
+    kinds = list(kinds or ["save", "time"] + (["rank"] if nproc > 1 else []))
     for i in range(kills):
         kind = kinds[i % len(kinds)] if i < len(kinds) else rng.choice(kinds)
-        fault = (kind, rng.randint(1, 2)) if kind == "save" else (kind, round(rng.uniform(0.3, 0.9) * duration, 2))
+        fault = (kind, rng.randint(1, 2)) if kind == "save" else (kind, round(rng.uniform(0.4, 0.8) * duration, 2))
         workers = rng.randint(0, 1) if nproc == 1 else 0
         code = launch(chaotic, nproc, workers, fault, log)
         if code == 0:
@@ -170,13 +173,15 @@ def main(argv=None) -> int:
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun on gloo when > 1)")
     p.add_argument("--kills", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help="draws the faults")
+    p.add_argument("--kinds", nargs="+", choices=["save", "time", "rank"], default=None,
+                   help="faults to inject first, in order (then random ones)")
     p.add_argument("--workdir", default=None, help="default: a new temporary folder")
     args = p.parse_args(argv)
     import tempfile
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="chaos-"))
     print(f"chaos in {workdir}: {args.nproc} process(es), {args.kills} kills, seed {args.seed}")
-    problems = chaos(workdir, args.nproc, args.kills, args.seed)
+    problems = chaos(workdir, args.nproc, args.kills, args.seed, kinds=args.kinds)
     for problem in problems:
         print(f"FAIL: {problem}")
     print("OK: bit-identical to the uninterrupted run" if not problems else f"{len(problems)} problem(s)")
