@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt", default=None, help="checkpoint to evaluate with --test")
     g.add_argument("--results_file", default=None, help="JSON-lines results (default: <run dir>/results.jsonl)")
     g.add_argument("--test", action="store_true", help="evaluate saved checkpoints, no training")
-    g.add_argument("--overwrite", action="store_true", help="retrain steps whose checkpoint already exists")
+    g.add_argument("--overwrite", action="store_true", help="retrain steps whose checkpoint already exists; restart interrupted ones")
     g.add_argument("--val_interval", type=int, default=1, help="validate and checkpoint every N epochs")
     g.add_argument("--sample_num", type=int, default=4,
                    help="test images drawn as image | ground truth | prediction (PNG + tensorboard)")

@@ -28,15 +28,15 @@ from methods.base import MethodStateError
 from metrics import incremental_scores
 from metrics.report import class_table, confusion_figure, record_result, summary_header, summary_row
 from segmentation_module import PretrainedWeightsError, make_model
-from train import Timer, Trainer, evaluate, unwrap
+from train import Timer, Trainer, evaluate
 from utils import checkpoint
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed
 from utils.errors import CheckpointError, UserError
 from utils.logger import Logger
 from utils.malloc import keep_freed_memory
 from utils.seeding import derive_seed, seed_everything
-from utils.step_checkpoint import (architecture_record, check_checkpoint, check_resumable, load_weights,
-                                   options_record, previous_checkpoint, task_record)
+from utils.step_checkpoint import (check_checkpoint, epoch_checkpoint, load_weights, previous_checkpoint, resume,
+                                   step_checkpoint)
 
 USER_ERRORS = (UserError, TaskError, DataError, PretrainedWeightsError, MethodStateError)
 
@@ -102,13 +102,7 @@ def train_one_step(opts, info: DistInfo, task: Task, index: int, directory: Path
     teacher_digest = prev.get(checkpoint.DIGEST_KEY) if prev else None
     start_epoch = 0
     if partial.is_file() and not opts.overwrite:
-        state = checkpoint.load(partial)
-        check_checkpoint(state, task, opts, partial)
-        check_resumable(state, opts, info.world_size, teacher_digest, partial)
-        load_weights(model, state["model"], partial)
-        trainer.load_state_dict(state["trainer"])
-        method.load_in_step_state(state["method_in_step"])
-        start_epoch = state["epoch"] + 1
+        start_epoch = resume(partial, model, trainer, method, task, opts, info.world_size, teacher_digest)
         logger.info(f"step {step}: resuming from {partial} at epoch {start_epoch}")
 
     logger.info(f"step {step}: {len(train_ds)} training images, classes {task.new_classes}, "
@@ -130,21 +124,14 @@ def train_one_step(opts, info: DistInfo, task: Task, index: int, directory: Path
             logger.info(f"step {step} epoch {epoch + 1}: validation mIoU {100 * miou:.2f}")
             logger.scalar(f"val/miou/step{step}", miou, epoch)
             if not last and info.is_main:
-                checkpoint.save_atomic({
-                    "model": unwrap(model).state_dict(), "trainer": trainer.state_dict(), "epoch": epoch,
-                    "task": task_record(task), "architecture": architecture_record(opts),
-                    "opts": options_record(opts), "world_size": info.world_size,
-                    "teacher_digest": teacher_digest, "method_in_step": method.in_step_state(),
-                }, partial)
+                checkpoint.save_atomic(epoch_checkpoint(model, trainer, method, epoch, task, opts, info.world_size,
+                                                        teacher_digest), partial)
 
     seed_everything(derive_seed(opts.random_seed, step, epochs, info.rank))
     method.after_step(ctx)
     if info.is_main:
-        checkpoint.save_atomic({
-            "model": unwrap(model).state_dict(), "trainer": trainer.state_dict(), "epoch": epochs - 1,
-            "method": opts.method, "method_state": method.state_dict(), "task": task_record(task),
-            "architecture": architecture_record(opts), "opts": options_record(opts),
-        }, directory / f"step-{step}.pth")
+        checkpoint.save_atomic(step_checkpoint(model, trainer, method, epochs, task, opts),
+                               directory / f"step-{step}.pth")
         partial.unlink(missing_ok=True)
     barrier()
 

@@ -3,18 +3,20 @@ exactly where an uninterrupted run ends.
 
     python scripts/chaos.py                      # 1 process, MiB steps 0-1, 3 kills
     python scripts/chaos.py --nproc 2 --kills 2  # 2 gloo ranks under torchrun --max-restarts 1
+    python scripts/chaos.py --method RW          # any method
 
 A reference run goes first.  Then the same command is launched again and again in a fresh
 folder, each launch with one fault drawn from ``--seed``:
 
 * ``save``: SIGKILL inside the n-th checkpoint write of the process, after the temp file is
-  written and before the rename (``CSSBENCH_KILL_IN_SAVE``, utils/checkpoint.py);
+  written and before the rename (``CSSBENCH_KILL_IN_SAVE``, utils/checkpoint.py); under torchrun
+  the restarted ranks resume within the same launch;
 * ``time``: SIGKILL of the whole process group after a random delay (startup, training,
   validation, a save, the test: wherever it lands);
 * ``rank`` (``--nproc`` > 1): SIGKILL of one training process after a random delay, which
   ``torchrun --max-restarts 1`` answers by restarting the ranks in the same launch;
 
-then without a fault until the command exits 0.  Single-process launches also alternate
+then, unless the last faulty launch recovered by itself, without a fault until it exits 0.  Single-process launches also alternate
 ``--num_workers`` between 0 and 1, which must not matter.  Checked at the end: every step
 checkpoint is byte-identical to the reference's, results.jsonl holds the same lines (the
 ``seconds`` field excepted, a wall-clock time), and no epoch checkpoint or temp file is left.
@@ -37,16 +39,16 @@ sys.path.insert(0, str(ROOT))
 
 from utils.checkpoint import KILL_IN_SAVE_ENV  # noqa: E402
 
-FLAGS = ["--dataset", "shapes", "--task", "15-5", "--overlap", "--method", "MiB", "--step", "0", "1",
+FLAGS = ["--dataset", "shapes", "--task", "15-5", "--overlap", "--name", "chaos", "--step", "0", "1",
          "--backbone", "resnet18", "--width", "0.125", "--norm_act", "abn", "--no_pretrained",
          "--crop_size", "32", "--shapes_image_size", "32", "--shapes_train_size", "48", "--shapes_val_size", "12",
          "--batch_size", "4", "--epochs", "2", "3", "--lr", "0.01", "0.001", "--sample_num", "0",
          "--no_progress", "--logdir", "runs"]
-RUN_DIR = Path("runs/shapes/15-5-ov/MiB")
+RUN_DIR = Path("runs/shapes/15-5-ov/chaos")
 
 
-def command(nproc: int, workers: int) -> list[str]:
-    flags = FLAGS + ["--num_workers", str(workers)]
+def command(nproc: int, workers: int, method: str = "MiB") -> list[str]:
+    flags = FLAGS + ["--method", method, "--num_workers", str(workers)]
     if nproc == 1:
         return [sys.executable, str(ROOT / "run.py"), *flags]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -89,11 +91,11 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def launch(cwd: Path, nproc: int, workers: int, fault: tuple | None, log) -> int:
+def launch(cwd: Path, nproc: int, workers: int, fault: tuple | None, log, method: str = "MiB") -> int:
     """One launch with at most one fault; returns its exit code (negative: killed by a signal)."""
     env = environment(**({KILL_IN_SAVE_ENV: str(fault[1])} if fault and fault[0] == "save" else {}))
     with open(cwd / "launches.log", "a") as out:
-        proc = subprocess.Popen(command(nproc, workers), cwd=cwd, env=env, stdout=out, stderr=out,
+        proc = subprocess.Popen(command(nproc, workers, method), cwd=cwd, env=env, stdout=out, stderr=out,
                                 start_new_session=True)
         if fault and fault[0] in ("time", "rank"):
             try:
@@ -137,7 +139,8 @@ def compare(reference: Path, chaos: Path) -> list[str]:
     return problems
 
 
-def chaos(workdir: Path, nproc: int = 1, kills: int = 3, seed: int = 0, log=print, kinds=None) -> list[str]:
+def chaos(workdir: Path, nproc: int = 1, kills: int = 3, seed: int = 0, log=print, kinds=None,
+          method: str = "MiB") -> list[str]:
     """Reference run, then ``kills`` faulty launches and resumes; returns the problems found.
 
     ``kinds``: the faults, in this order first, then drawn at random (default: save, time, and
@@ -147,7 +150,7 @@ def chaos(workdir: Path, nproc: int = 1, kills: int = 3, seed: int = 0, log=prin
     reference.mkdir(parents=True)
     chaotic.mkdir(parents=True)
     start = time.perf_counter()
-    code = launch(reference, nproc, 0, None, log)
+    code = launch(reference, nproc, 0, None, log, method)
     duration = time.perf_counter() - start
     if code != 0:
         return [f"the reference run failed (exit {code}); see {reference / 'launches.log'}"]
@@ -156,11 +159,11 @@ def chaos(workdir: Path, nproc: int = 1, kills: int = 3, seed: int = 0, log=prin
         kind = kinds[i % len(kinds)] if i < len(kinds) else rng.choice(kinds)
         fault = (kind, rng.randint(1, 2)) if kind == "save" else (kind, round(rng.uniform(0.4, 0.8) * duration, 2))
         workers = rng.randint(0, 1) if nproc == 1 else 0
-        code = launch(chaotic, nproc, workers, fault, log)
+        code = launch(chaotic, nproc, workers, fault, log, method)
         if code == 0:
             break
-    for _ in range(3):  # resumes without faults (a killed rank may need torchrun's restart too)
-        code = launch(chaotic, nproc, 0, None, log)
+    for _ in range(3 if code != 0 else 0):  # resumes without faults
+        code = launch(chaotic, nproc, 0, None, log, method)
         if code == 0:
             break
     if code != 0:
@@ -171,6 +174,7 @@ def chaos(workdir: Path, nproc: int = 1, kills: int = 3, seed: int = 0, log=prin
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun on gloo when > 1)")
+    p.add_argument("--method", default="MiB", help="any --method (its preset applies)")
     p.add_argument("--kills", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help="draws the faults")
     p.add_argument("--kinds", nargs="+", choices=["save", "time", "rank"], default=None,
@@ -180,8 +184,8 @@ def main(argv=None) -> int:
     import tempfile
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="chaos-"))
-    print(f"chaos in {workdir}: {args.nproc} process(es), {args.kills} kills, seed {args.seed}")
-    problems = chaos(workdir, args.nproc, args.kills, args.seed, kinds=args.kinds)
+    print(f"chaos in {workdir}: {args.method}, {args.nproc} process(es), {args.kills} kills, seed {args.seed}")
+    problems = chaos(workdir, args.nproc, args.kills, args.seed, kinds=args.kinds, method=args.method)
     for problem in problems:
         print(f"FAIL: {problem}")
     print("OK: bit-identical to the uninterrupted run" if not problems else f"{len(problems)} problem(s)")

@@ -22,7 +22,8 @@ from .errors import CheckpointError
 
 DIGEST_KEY = "digest"
 # Fault injection (scripts/chaos.py): SIGKILL this process inside its k-th checkpoint write,
-# after the temp file is complete and before the rename that publishes it.
+# after the temp file is complete and before the rename that publishes it -- in the first attempt
+# of a torchrun launch only, so that the ranks ``--max-restarts`` restarts can finish the run.
 KILL_IN_SAVE_ENV = "CSSBENCH_KILL_IN_SAVE"
 _saves = 0
 
@@ -90,7 +91,7 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         _saves += 1
-        if os.environ.get(KILL_IN_SAVE_ENV) == str(_saves):
+        if os.environ.get(KILL_IN_SAVE_ENV) == str(_saves) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
             os.kill(os.getpid(), signal.SIGKILL)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError

@@ -113,3 +113,31 @@ def check_resumable(state: dict, opts, world_size: int, teacher_digest, path) ->
 
 def _flag(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def epoch_checkpoint(model, trainer, method, epoch: int, task: Task, opts, world_size: int,
+                     teacher_digest) -> dict:
+    """Everything the remaining epochs of a step depend on; global random streams are not in it
+    because every epoch reseeds them (utils/seeding.py)."""
+    return {"model": model.state_dict(), "trainer": trainer.state_dict(), "epoch": epoch,
+            "task": task_record(task), "architecture": architecture_record(opts), "opts": options_record(opts),
+            "world_size": world_size, "teacher_digest": teacher_digest, "method_in_step": method.in_step_state()}
+
+
+def step_checkpoint(model, trainer, method, epochs: int, task: Task, opts) -> dict:
+    """A finished step: the teacher of the next one, with the method's state for it."""
+    return {"model": model.state_dict(), "trainer": trainer.state_dict(), "epoch": epochs - 1,
+            "method": opts.method, "method_state": method.state_dict(), "task": task_record(task),
+            "architecture": architecture_record(opts), "opts": options_record(opts)}
+
+
+def resume(path: Path, model, trainer, method, task: Task, opts, world_size: int, teacher_digest) -> int:
+    """Load the epoch checkpoint ``path`` into the model, the trainer and the method (after its
+    ``before_step``); returns the epoch to continue with."""
+    state = checkpoint.load(path)
+    check_checkpoint(state, task, opts, path)
+    check_resumable(state, opts, world_size, teacher_digest, path)
+    load_weights(model, state["model"], path)
+    trainer.load_state_dict(state["trainer"])
+    method.load_in_step_state(state["method_in_step"])
+    return state["epoch"] + 1
