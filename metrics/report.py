@@ -74,8 +74,14 @@ def record_result(path, result: dict) -> None:
     path = Path(path)
     line = json.dumps(strict_json(result), allow_nan=False)
     key = tuple(result.get(k) for k in RESULT_KEY)
-    kept = [l for l in (path.read_text().splitlines() if path.is_file() else [])
-            if l.strip() and tuple(json.loads(l).get(k) for k in RESULT_KEY) != key]
+
+    def other_step(existing: str) -> bool:
+        try:
+            return tuple(json.loads(existing).get(k) for k in RESULT_KEY) != key
+        except (ValueError, AttributeError):  # not ours to judge: keep it as it is
+            return True
+
+    kept = [l for l in (path.read_text().splitlines() if path.is_file() else []) if l.strip() and other_step(l)]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
