@@ -4,6 +4,7 @@ exactly where an uninterrupted run ends.
     python scripts/chaos.py                      # 1 process, MiB steps 0-1, 3 kills
     python scripts/chaos.py --nproc 2 --kills 2  # 2 gloo ranks under torchrun --max-restarts 1
     python scripts/chaos.py --method RW          # any method
+    python scripts/chaos.py --method PLOP --crop_size 64 --shapes_image_size 64   # more run.py flags
 
 A reference run goes first.  Then the same command is launched again and again in a fresh
 folder, each launch with one fault drawn from ``--seed``:
@@ -47,8 +48,8 @@ FLAGS = ["--dataset", "shapes", "--task", "15-5", "--overlap", "--name", "chaos"
 RUN_DIR = Path("runs/shapes/15-5-ov/chaos")
 
 
-def command(nproc: int, workers: int, method: str = "MiB") -> list[str]:
-    flags = FLAGS + ["--method", method, "--num_workers", str(workers)]
+def command(nproc: int, workers: int, method: str = "MiB", extra=()) -> list[str]:
+    flags = FLAGS + ["--method", method, *extra, "--num_workers", str(workers)]
     if nproc == 1:
         return [sys.executable, str(ROOT / "run.py"), *flags]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -91,11 +92,11 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def launch(cwd: Path, nproc: int, workers: int, fault: tuple | None, log, method: str = "MiB") -> int:
+def launch(cwd: Path, nproc: int, workers: int, fault: tuple | None, log, method: str = "MiB", extra=()) -> int:
     """One launch with at most one fault; returns its exit code (negative: killed by a signal)."""
     env = environment(**({KILL_IN_SAVE_ENV: str(fault[1])} if fault and fault[0] == "save" else {}))
     with open(cwd / "launches.log", "a") as out:
-        proc = subprocess.Popen(command(nproc, workers, method), cwd=cwd, env=env, stdout=out, stderr=out,
+        proc = subprocess.Popen(command(nproc, workers, method, extra), cwd=cwd, env=env, stdout=out, stderr=out,
                                 start_new_session=True)
         if fault and fault[0] in ("time", "rank"):
             try:
@@ -140,17 +141,17 @@ def compare(reference: Path, chaos: Path) -> list[str]:
 
 
 def chaos(workdir: Path, nproc: int = 1, kills: int = 3, seed: int = 0, log=print, kinds=None,
-          method: str = "MiB") -> list[str]:
+          method: str = "MiB", extra=()) -> list[str]:
     """Reference run, then ``kills`` faulty launches and resumes; returns the problems found.
 
     ``kinds``: the faults, in this order first, then drawn at random (default: save, time, and
-    rank when ``nproc`` > 1)."""
+    rank when ``nproc`` > 1); ``extra``: more run.py flags."""
     rng = random.Random(seed)
     reference, chaotic = workdir / "reference", workdir / "chaos"
     reference.mkdir(parents=True)
     chaotic.mkdir(parents=True)
     start = time.perf_counter()
-    code = launch(reference, nproc, 0, None, log, method)
+    code = launch(reference, nproc, 0, None, log, method, extra)
     duration = time.perf_counter() - start
     if code != 0:
         return [f"the reference run failed (exit {code}); see {reference / 'launches.log'}"]
@@ -159,11 +160,11 @@ def chaos(workdir: Path, nproc: int = 1, kills: int = 3, seed: int = 0, log=prin
         kind = kinds[i % len(kinds)] if i < len(kinds) else rng.choice(kinds)
         fault = (kind, rng.randint(1, 2)) if kind == "save" else (kind, round(rng.uniform(0.4, 0.8) * duration, 2))
         workers = rng.randint(0, 1) if nproc == 1 else 0
-        code = launch(chaotic, nproc, workers, fault, log, method)
+        code = launch(chaotic, nproc, workers, fault, log, method, extra)
         if code == 0:
             break
     for _ in range(3 if code != 0 else 0):  # resumes without faults
-        code = launch(chaotic, nproc, 0, None, log, method)
+        code = launch(chaotic, nproc, 0, None, log, method, extra)
         if code == 0:
             break
     if code != 0:
@@ -180,12 +181,13 @@ def main(argv=None) -> int:
     p.add_argument("--kinds", nargs="+", choices=["save", "time", "rank"], default=None,
                    help="faults to inject first, in order (then random ones)")
     p.add_argument("--workdir", default=None, help="default: a new temporary folder")
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
     import tempfile
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="chaos-"))
     print(f"chaos in {workdir}: {args.method}, {args.nproc} process(es), {args.kills} kills, seed {args.seed}")
-    problems = chaos(workdir, args.nproc, args.kills, args.seed, kinds=args.kinds, method=args.method)
+    problems = chaos(workdir, args.nproc, args.kills, args.seed, kinds=args.kinds, method=args.method,
+                     extra=extra)
     for problem in problems:
         print(f"FAIL: {problem}")
     print("OK: bit-identical to the uninterrupted run" if not problems else f"{len(problems)} problem(s)")
