@@ -175,7 +175,7 @@ def test_one_step(opts, info: DistInfo, task: Task, path: Path, logger: Logger, 
     result = {
         "dataset": opts.dataset, "task": opts.task, "overlap": opts.overlap, "method": opts.method,
         "name": opts.name, "step": task.step, **incremental_scores(scores["class_iou"], task.base_classes, later),
-        "class_iou": [None if v != v else v for v in scores["class_iou"]],
+        "class_iou": list(scores["class_iou"]),  # NaN (absent class) is written as null
         "overall_acc": scores["overall_acc"], "seconds": seconds_before + timer(),
         "checkpoint": str(path),
     }
