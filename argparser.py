@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import pkgutil
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt", default=None, help="checkpoint to evaluate with --test")
     g.add_argument("--results_file", default=None, help="JSON-lines results (default: <run dir>/results.jsonl)")
     g.add_argument("--test", action="store_true", help="evaluate saved checkpoints, no training")
-    g.add_argument("--overwrite", action="store_true", help="retrain steps whose checkpoint already exists")
+    g.add_argument("--overwrite", action="store_true", help="retrain steps whose checkpoint already exists; restart interrupted ones")
     g.add_argument("--val_interval", type=int, default=1, help="validate and checkpoint every N epochs")
     g.add_argument("--sample_num", type=int, default=4,
                    help="test images drawn as image | ground truth | prediction (PNG + tensorboard)")
@@ -200,9 +201,36 @@ def parse_args(argv=None):
                           "for the expected layout (or use --dataset shapes)")
     if any(v <= 0 for v in opts.epochs) or any(v <= 0 for v in opts.lr):
         raise ConfigError("--epochs and --lr values must be positive")
+    check_numbers(parser, opts)
     if opts.test and opts.ckpt and len(opts.step) > 1:
         raise ConfigError("--ckpt evaluates one checkpoint: pass a single --step with it")
     return opts
+
+
+# Bounds of the numeric flags: dest -> (lowest allowed value, whether the bound itself is excluded).
+NUMERIC_BOUNDS = {
+    "batch_size": (1, False), "val_batch_size": (1, False), "crop_size": (1, False), "num_workers": (0, False),
+    "shapes_train_size": (1, False), "shapes_val_size": (1, False), "shapes_image_size": (8, False),
+    "log_interval": (1, False), "val_interval": (1, False), "sample_num": (0, False), "pooling": (1, False),
+    "width": (0, True), "momentum": (0, False), "weight_decay": (0, False), "lr_power": (0, False),
+    "mem_size": (0, False), "mcd_groups": (1, False),
+}
+
+
+def check_numbers(parser: argparse.ArgumentParser, opts) -> None:
+    """Every float flag finite, every bounded flag within its bound: a one-line error now rather
+    than a traceback (or a silent nonsense run) later."""
+    for action in parser._actions:
+        value = getattr(opts, action.dest, None)
+        if action.type is float and value is not None:
+            for v in value if isinstance(value, list) else [value]:
+                if not math.isfinite(v):
+                    raise ConfigError(f"--{action.dest} must be a finite number, got {v}")
+    for dest, (low, strict) in NUMERIC_BOUNDS.items():
+        value = getattr(opts, dest, None)
+        if value is not None and (value <= low if strict else value < low):
+            bound = f"> {low}" if strict else f">= {low}"
+            raise ConfigError(f"--{dest} must be {bound}, got {value}")
 
 
 def per_step(values: list, step: int):

@@ -10,161 +10,61 @@ Per requested step: data -> student (+ frozen teacher from step t-1) -> method -
 from __future__ import annotations
 
 import copy
-import json
-import random
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler, Sampler
 
 from argparser import parse_args, per_step, run_dir
 from dataset import build_datasets, class_names
-from dataset import memory
 from dataset.errors import DataError
-from dataset.incremental import IncrementalSegmentation
-from dataset.transforms import eval_transform
+from dataset.loaders import eval_loader, train_loader
+from dataset.memory import with_memory
 from dataset.tasks import Task, TaskError
 from methods.base import MethodStateError
 from metrics import incremental_scores
-from metrics.report import class_table, confusion_figure, summary_header, summary_row
+from metrics.report import class_table, confusion_figure, record_result, summary_header, summary_row
 from segmentation_module import PretrainedWeightsError, make_model
-from train import Timer, Trainer, evaluate, unwrap
+from train import Timer, Trainer, evaluate
 from utils import checkpoint
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed
 from utils.errors import CheckpointError, UserError
 from utils.logger import Logger
 from utils.malloc import keep_freed_memory
+from utils.seeding import derive_seed, seed_everything
+from utils.step_checkpoint import (check_checkpoint, epoch_checkpoint, load_weights, previous_checkpoint, resume,
+                                   step_checkpoint)
 
 USER_ERRORS = (UserError, TaskError, DataError, PretrainedWeightsError, MethodStateError)
 
 
-# --- data ---------------------------------------------------------------------------------------
-class ShardSampler(Sampler):
-    """Evaluation sharding without padding, so no image is counted twice across ranks."""
-
-    def __init__(self, size: int, rank: int, world_size: int):
-        self.indices = list(range(rank, size, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-
-def _loader_kwargs(opts, info: DistInfo) -> dict:
-    workers = opts.num_workers
-    return dict(num_workers=workers, pin_memory=info.device.type == "cuda",
-                persistent_workers=workers > 0)
-
-
-def train_loader(dataset, opts, info: DistInfo) -> DataLoader:
-    if len(dataset) < opts.batch_size * info.world_size:
-        raise DataError(f"the training set of this step has {len(dataset)} images, fewer than one batch "
-                        f"({opts.batch_size} x {info.world_size} processes); lower --batch_size")
-    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                 seed=opts.random_seed, drop_last=True)
-    return DataLoader(dataset, batch_size=opts.batch_size, sampler=sampler, drop_last=True,
-                      **_loader_kwargs(opts, info))
-
-
-def eval_loader(dataset, opts, info: DistInfo) -> DataLoader:
-    sampler = ShardSampler(len(dataset), info.rank, info.world_size)
-    return DataLoader(dataset, batch_size=opts.val_batch_size, sampler=sampler, **_loader_kwargs(opts, info))
-
-
-# --- checkpoints --------------------------------------------------------------------------------
-def task_record(task: Task) -> dict:
-    return {"dataset": task.dataset, "task": task.name, "step": task.step,
-            "classes": task.all_steps[: task.step + 1]}
-
-
-def check_checkpoint(ckpt: dict, task: Task, path) -> None:
-    """Refuse a checkpoint trained on other classes (it would load silently and mislead).
-
-    Only the dataset and the classes learned so far must agree, so a step-0 model serves every
-    task that shares its base classes (15-5 and 15-1, say), as in the references.
-    """
-    expected = task_record(task)
-    found = ckpt.get("task") or {}
-    if found.get("dataset") != expected["dataset"] or found.get("classes") != expected["classes"]:
-        def describe(r):
-            return f"{r.get('dataset')} {r.get('task')} step {r.get('step')}" if r else "an unknown setting"
-        raise CheckpointError(
-            f"checkpoint {path} holds {describe(found)}, but {describe(expected)} (same classes) is needed; "
-            "pass the right --step_ckpt/--ckpt or use another --name")
-
-
-def load_weights(model, state: dict, path, strict: bool = True, allowed_missing: str = "") -> None:
-    state = checkpoint.strip_module_prefix(state)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatch: another backbone / width / class split
-        first = str(exc).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"checkpoint {path} does not fit this model ({first}); use the same "
-                              "--backbone/--width/--output_stride/--norm_act as when it was trained") from None
-    bad = [k for k in missing if not (allowed_missing and k.startswith(allowed_missing))] + list(unexpected)
-    if strict and bad:
-        raise CheckpointError(f"checkpoint {path} does not fit this model (keys {bad[:3]}...); use the same "
-                              "--backbone/--width/--output_stride/--norm_act as when it was trained")
-
-
-def no_pretrained(opts):
-    opts = copy.copy(opts)
-    opts.no_pretrained = True
-    return opts
-
-
 def build_model(opts, task: Task, info: DistInfo, pretrained: bool):
     group = torch.distributed.group.WORLD if info.enabled else None
-    model = make_model(opts if pretrained else no_pretrained(opts), task.classes_per_step, bn_group=group)
-    model = model.to(info.device)
+    if not pretrained:
+        opts = copy.copy(opts)
+        opts.no_pretrained = True
+    model = make_model(opts, task.classes_per_step, bn_group=group).to(info.device)
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
-def exemplar_memory(opts, info: DistInfo, task: Task, teacher, directory: Path, train_ds):
-    """DKD-M (recent_methods.md §5.4): add a class-balanced memory of earlier images to the step.
-
-    Candidates are the step t-1 training images (classes found with the teacher) plus the step
-    t-1 memory; the chosen list is saved as JSON in the run directory, so a rerun reuses it.
-    Memory labels go through the current step's table: old classes read as background.
-    """
-    path = memory.memory_path(directory, task.step)
-    if not path.is_file():
-        prev = build_datasets(opts, task.at(task.step - 1))[0]
-        prev = IncrementalSegmentation(prev.source, prev.indices, eval_transform(opts.crop_size, True), prev.lut,
-                                       prev.presence)
-        presence = memory.candidate_presence(teacher, prev, info.device, opts.val_batch_size)
-        previous = memory.load_memory(memory.memory_path(directory, task.step - 1)) if task.step > 1 else None
-        seed = opts.random_seed + task.step
-        indices, rows = memory.build_memory((prev.indices, presence), previous,
-                                            [c for c in task.old_classes if c], opts.mem_size, seed)
-        if info.is_main:
-            memory.save_memory(path, task.step, indices, rows, seed)
-        barrier()
-    indices, rows = memory.load_memory(path)
-    return ConcatDataset([train_ds, memory.memory_dataset(train_ds, indices, rows)])
-
-
 # --- one step -----------------------------------------------------------------------------------
-def previous_checkpoint(opts, step: int, index: int, directory: Path):
-    path = Path(opts.step_ckpt) if (opts.step_ckpt and index == 0) else directory / f"step-{step - 1}.pth"
-    if not path.is_file():
-        raise CheckpointError(f"step {step} needs the step {step - 1} checkpoint {path}, which does not exist; "
-                              f"train step {step - 1} first (--step {step - 1}) or pass --step_ckpt")
-    return path, checkpoint.load(path)
-
-
 def train_one_step(opts, info: DistInfo, task: Task, index: int, directory: Path, logger: Logger) -> None:
+    """Train step ``task.step`` (resuming its epoch checkpoint if there is one) and save it.
+
+    Every global random stream is reseeded from (seed, step, epoch, rank) before each phase, and
+    the augmentation of a sample depends on (seed, step, epoch, index) only (utils/seeding.py),
+    so a resumed step computes exactly what the uninterrupted one would have.
+    """
     step = task.step
     prev = prev_path = None
     if step > 0:
         prev_path, prev = previous_checkpoint(opts, step, index, directory)
-        check_checkpoint(prev, task.at(step - 1), prev_path)
+        check_checkpoint(prev, task.at(step - 1), opts, prev_path)
 
     train_ds, val_ds, _ = build_datasets(opts, task)
     val = eval_loader(val_ds, opts, info)
@@ -180,8 +80,8 @@ def train_one_step(opts, info: DistInfo, task: Task, index: int, directory: Path
         load_weights(teacher, prev["model"], prev_path)
         teacher.eval().requires_grad_(False)
         if getattr(opts, "mem_size", 0):
-            train_ds = exemplar_memory(opts, info, task, teacher, directory, train_ds)
-    loader = train_loader(train_ds, opts, info)
+            train_ds = with_memory(opts, task, teacher, directory, train_ds, info.device, info.is_main)
+    loader = train_loader(train_ds, opts, info, seed=derive_seed(opts.random_seed, step))
 
     student = model
     if info.enabled:
@@ -194,21 +94,21 @@ def train_one_step(opts, info: DistInfo, task: Task, index: int, directory: Path
     lr = per_step(opts.lr, step)
     trainer = Trainer(student, teacher, method, opts, info.device, lr, len(loader), epochs,
                       logger=logger, is_main=info.is_main)
+    ctx = trainer.context(loader, task, log=logger.info)
+    seed_everything(derive_seed(opts.random_seed, step, -1, info.rank))
+    method.before_step(ctx)  # on the step's starting weights, resumed or not
+
     partial = directory / f"step-{step}.last.pth"
+    teacher_digest = prev.get(checkpoint.DIGEST_KEY) if prev else None
     start_epoch = 0
-    if partial.is_file():
-        state = checkpoint.load(partial)
-        check_checkpoint(state, task, partial)
-        load_weights(model, state["model"], partial)
-        trainer.load_state_dict(state["trainer"])
-        start_epoch = state["epoch"] + 1
+    if partial.is_file() and not opts.overwrite:
+        start_epoch = resume(partial, model, trainer, method, task, opts, info.world_size, teacher_digest)
         logger.info(f"step {step}: resuming from {partial} at epoch {start_epoch}")
 
-    ctx = trainer.context(loader, task, log=logger.info)
-    method.before_step(ctx)
     logger.info(f"step {step}: {len(train_ds)} training images, classes {task.new_classes}, "
                 f"{epochs} epochs at lr {lr}, method {opts.method}")
     for epoch in range(start_epoch, epochs):
+        seed_everything(derive_seed(opts.random_seed, step, epoch, info.rank))
         progress = _progress_bar(opts, info, step, epoch, epochs)
         stats = trainer.train_epoch(loader, epoch, progress)
         method.after_epoch(ctx, epoch)
@@ -224,18 +124,15 @@ def train_one_step(opts, info: DistInfo, task: Task, index: int, directory: Path
             logger.info(f"step {step} epoch {epoch + 1}: validation mIoU {100 * miou:.2f}")
             logger.scalar(f"val/miou/step{step}", miou, epoch)
             if not last and info.is_main:
-                checkpoint.save_atomic({"model": unwrap(model).state_dict(), "trainer": trainer.state_dict(),
-                                        "epoch": epoch, "task": task_record(task)}, partial)
+                checkpoint.save_atomic(epoch_checkpoint(model, trainer, method, epoch, task, opts, info.world_size,
+                                                        teacher_digest), partial)
 
+    seed_everything(derive_seed(opts.random_seed, step, epochs, info.rank))
     method.after_step(ctx)
     if info.is_main:
-        checkpoint.save_atomic({
-            "model": unwrap(model).state_dict(), "trainer": trainer.state_dict(), "epoch": epochs - 1,
-            "method": opts.method, "method_state": method.state_dict(), "task": task_record(task),
-            "opts": {k: v for k, v in vars(opts).items() if k != "method_cls"},
-        }, directory / f"step-{step}.pth")
-        if partial.exists():
-            partial.unlink()
+        checkpoint.save_atomic(step_checkpoint(model, trainer, method, epochs, task, opts),
+                               directory / f"step-{step}.pth")
+        partial.unlink(missing_ok=True)
     barrier()
 
 
@@ -266,7 +163,7 @@ def test_one_step(opts, info: DistInfo, task: Task, path: Path, logger: Logger, 
     """Reload a saved step checkpoint and evaluate it on every class seen so far (fp32)."""
     timer = Timer()
     ckpt = checkpoint.load(path)
-    check_checkpoint(ckpt, task, path)
+    check_checkpoint(ckpt, task, opts, path)
     _, _, test_ds = build_datasets(opts, task)
     model = build_model(opts, task, info, pretrained=False)
     load_weights(model, ckpt["model"], path)
@@ -278,7 +175,7 @@ def test_one_step(opts, info: DistInfo, task: Task, path: Path, logger: Logger, 
     result = {
         "dataset": opts.dataset, "task": opts.task, "overlap": opts.overlap, "method": opts.method,
         "name": opts.name, "step": task.step, **incremental_scores(scores["class_iou"], task.base_classes, later),
-        "class_iou": [None if v != v else v for v in scores["class_iou"]],
+        "class_iou": list(scores["class_iou"]),  # NaN (absent class) is written as null
         "overall_acc": scores["overall_acc"], "seconds": seconds_before + timer(),
         "checkpoint": str(path),
     }
@@ -296,20 +193,24 @@ def test_one_step(opts, info: DistInfo, task: Task, path: Path, logger: Logger, 
             grid = save_samples(model, test_ds, method.predict, opts.sample_num, info.device,
                                 run_dir(opts) / f"samples-step{task.step}.png")
             logger.figure(f"test/samples/step{task.step}", grid, task.step)
-        results_file = Path(opts.results_file) if opts.results_file else run_dir(opts) / "results.jsonl"
-        results_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(results_file, "a") as f:
-            f.write(json.dumps(result) + "\n")
+        record_result(results_file(opts), result)
     return result
+
+
+def results_file(opts) -> Path:
+    return Path(opts.results_file) if opts.results_file else run_dir(opts) / "results.jsonl"
 
 
 def run(opts, info: DistInfo) -> list[dict]:
     directory = run_dir(opts)
+    if info.is_main:  # what a write killed half-way left behind (utils/checkpoint.py)
+        checkpoint.remove_stale_temp_files(directory)
+        checkpoint.remove_stale_temp_files(results_file(opts).parent, results_file(opts).name + ".*.tmp")
     logger = Logger(directory, info.is_main)
     results = []
     try:
         for index, step in enumerate(opts.step):
-            seed_everything(opts.random_seed + step)
+            seed_everything(derive_seed(opts.random_seed, step))
             task = Task(opts.dataset, opts.task, step)
             path = directory / f"step-{step}.pth"
             timer = Timer()
@@ -320,6 +221,8 @@ def run(opts, info: DistInfo) -> list[dict]:
                                           f"step {step} first or pass --ckpt PATH")
             elif path.is_file() and not opts.overwrite:
                 logger.info(f"step {step}: {path} exists, reusing it (pass --overwrite to retrain)")
+                if info.is_main:  # left by a kill between the step's final save and its cleanup
+                    (directory / f"step-{step}.last.pth").unlink(missing_ok=True)
             else:
                 train_one_step(opts, info, task, index, directory, logger)
             results.append(test_one_step(opts, info, task, path, logger, timer()))
@@ -328,12 +231,6 @@ def run(opts, info: DistInfo) -> list[dict]:
     finally:
         logger.close()
     return results
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def one_line(exc: Exception) -> str:
@@ -345,7 +242,30 @@ def one_line(exc: Exception) -> str:
     return message
 
 
+def exit_on_signals() -> None:
+    """SIGINT and SIGTERM end the process at once with one line on how to resume, exit 130/143.
+
+    A thread waits for them (they are blocked in every other thread), so they act even while the
+    main thread is inside C++ -- a collective, a kernel, a checkpoint write -- where a Python
+    handler would run only when it returns.  Stopping anywhere is safe because every file a run
+    writes is published by an atomic rename: the last epoch checkpoint stays as it was, and a
+    temp file left by an unfinished write is removed on the next start.
+    """
+    signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+
+    def wait():
+        signum = signal.sigwait(signals)
+        sys.stderr.write(f"interrupted by {signal.Signals(signum).name}; the last epoch checkpoint is kept: "
+                         "rerun the same command to resume\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    threading.Thread(target=wait, name="signals", daemon=True).start()
+
+
 def main(argv=None) -> int:
+    """Exit codes: 0 done, 2 a problem the one printed line names (130/143: exit_on_signals)."""
     try:
         opts = parse_args(argv)
         info = init_distributed(opts.device)
@@ -356,12 +276,18 @@ def main(argv=None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume from the last epoch checkpoint", file=sys.stderr)
+    except OSError as exc:  # the run directory: read-only, full, no permission
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: cannot write{where} ({exc.strerror or exc}); make --logdir writable or free disk space, "
+              "then rerun the same command", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # main() called without exit_on_signals (from Python)
+        print("interrupted; the last epoch checkpoint is kept: rerun the same command to resume", file=sys.stderr)
         return 130
     return 0
 
 
 if __name__ == "__main__":
     keep_freed_memory()  # before the first large allocation; see utils/malloc.py
+    exit_on_signals()  # before any thread starts, so that all of them inherit the blocked signals
     sys.exit(main())

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from .ade import ade_split
 from .errors import DataError
-from .presence import IGNORE_LABEL, NUM_VALUES, presence_index, select_images
+from .presence import IGNORE_LABEL, NUM_VALUES, check_label_values, presence_index, select_images
 from .shapes import ShapesSplit
 from .tasks import Task
 from .transforms import eval_transform, image_tensor, remap_label, train_transform
@@ -172,6 +172,12 @@ def _require_images(indices: np.ndarray, what: str, task: Task, classes: list[in
         )
 
 
+def _describe(source, index: int) -> str:
+    """The label file of an image, or its place in a generated split."""
+    labels = getattr(source, "labels", None)
+    return str(labels[index]) if labels is not None else f"#{index} of the {source.dataset} {source.split} split"
+
+
 def build_datasets(opts: Any, task: Task) -> tuple[IncrementalSegmentation, ...]:
     """(train, val, test) datasets of one step.
 
@@ -187,6 +193,9 @@ def build_datasets(opts: Any, task: Task) -> tuple[IncrementalSegmentation, ...]
     workers = max(0, int(options.num_workers or 0))
     train_presence = presence_index(train_src, cache, workers)
     val_presence = presence_index(val_src, cache, workers)
+    num_classes = max(c for classes in task.all_steps for c in classes) + 1
+    for source, presence in ((train_src, train_presence), (val_src, val_presence)):
+        check_label_values(presence, num_classes, lambda i, s=source: _describe(s, i))
 
     new, old, seen = task.new_classes, task.old_classes, task.seen_classes
     train_idx = select_images(train_presence, new, old, overlap=options.overlap)

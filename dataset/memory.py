@@ -15,7 +15,9 @@ Pieces, each independent of the data layer:
   :func:`build_memory` -- candidates of step t-1 merged with the previous memory, then selected;
 * :func:`save_memory` / :func:`load_memory` / :func:`memory_path` -- the JSON list in the run
   directory (the reference's ``step_t/memory.json``), which also seeds the next step;
-* :func:`memory_dataset` -- serves the exemplars with labels masked like the current data.
+* :func:`memory_dataset` -- serves the exemplars with labels masked like the current data;
+* :func:`with_memory` -- all of the above for one step of a run: the step's training set plus
+  its memory.
 """
 from __future__ import annotations
 
@@ -29,13 +31,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
+from utils.distributed import barrier
 from utils.modes import eval_mode
 
 from .errors import DataError
-from .incremental import IncrementalSegmentation
-from .transforms import device_batch
+from .incremental import IncrementalSegmentation, build_datasets
+from .tasks import Task
+from .transforms import device_batch, eval_transform
 
 NUM_VALUES = 256
 PSEUDO_LABEL_SCORE = 0.9  # DKD/SSUL confidence for a background pixel to count as an old class
@@ -209,3 +213,31 @@ def load_memory(path: str | os.PathLike) -> tuple[list[int], np.ndarray]:
         raise DataError(f"exemplar memory {path} is unreadable ({err}); delete it and retrain the "
                         "previous step") from None
     return indices, presence_from_classes(classes)
+
+
+# --- one step of a run --------------------------------------------------------------------------
+
+
+def with_memory(opts, task: Task, teacher: nn.Module, run_dir: Path, train: IncrementalSegmentation,
+                device: torch.device, is_main: bool) -> ConcatDataset:
+    """DKD-M (recent_methods.md §5.4): ``train`` plus a class-balanced memory of earlier images.
+
+    Candidates are the step t-1 training images (classes found with the teacher) plus the step
+    t-1 memory; the chosen list is saved as JSON in the run directory, so a rerun reuses it.
+    Memory labels go through the current step's table: old classes read as background.
+    """
+    path = memory_path(run_dir, task.step)
+    if not path.is_file():
+        prev = build_datasets(opts, task.at(task.step - 1))[0]
+        prev = IncrementalSegmentation(prev.source, prev.indices, eval_transform(opts.crop_size, True), prev.lut,
+                                       prev.presence)
+        presence = candidate_presence(teacher, prev, device, opts.val_batch_size)
+        previous = load_memory(memory_path(run_dir, task.step - 1)) if task.step > 1 else None
+        seed = opts.random_seed + task.step
+        indices, rows = build_memory((prev.indices, presence), previous,
+                                     [c for c in task.old_classes if c], opts.mem_size, seed)
+        if is_main:
+            save_memory(path, task.step, indices, rows, seed)
+        barrier()
+    indices, rows = load_memory(path)
+    return ConcatDataset([train, memory_dataset(train, indices, rows)])

@@ -133,6 +133,19 @@ def presence_index(
     return presence
 
 
+def check_label_values(presence: np.ndarray, num_classes: int, describe: Callable[[int], str]) -> None:
+    """Refuse a split whose labels hold values outside ``[0, num_classes)`` and 255 (the index
+    records every value, so this costs no extra read): the label tables would silently turn
+    them into background."""
+    foreign = presence[:, num_classes:IGNORE_LABEL]
+    rows = np.flatnonzero(foreign.any(axis=1))
+    if len(rows):
+        values = (np.flatnonzero(foreign[rows[0]]) + num_classes).tolist()
+        more = f" ({len(rows) - 1} more labels too)" if len(rows) > 1 else ""
+        raise DataError(f"label {describe(int(rows[0]))} holds values {values} outside the classes "
+                        f"0..{num_classes - 1} and 255 (ignore){more}; fix the labels or check --dataset")
+
+
 def select_images(
     presence: np.ndarray, new: Sequence[int], old: Sequence[int], overlap: bool
 ) -> np.ndarray:

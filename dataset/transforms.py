@@ -4,7 +4,7 @@ They reproduce the reference pipeline (MiB/PLOP ``dataset/transform.py``, an old
 torchvision's): training uses ``RandomResizedCrop(crop, scale=(0.5, 2.0))`` + a horizontal flip,
 validation/test ``Resize(crop)`` + ``CenterCrop(crop)``.  The image is resampled bilinearly, the
 label with nearest neighbour so that class ids survive.  Randomness comes from Python's
-``random`` module, which the DataLoader seeds differently in every worker.
+``random`` module only, which ``loaders.SeededSamples`` seeds per sample and epoch.
 
 A sample is an (H, W, 3) uint8 RGB image and an (H, W) uint8 label of class ids.  Crops and
 flips are numpy views (no copy); the image is resampled by torch's uint8 antialiased bilinear

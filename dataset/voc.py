@@ -89,8 +89,30 @@ def read_image(path: Path) -> np.ndarray:
                 return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
         except (ValueError, OSError):
             pass
-    image = _decode(path, "image")
-    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    return rgb8(_decode(path, "image"), path)
+
+
+# Modes Pillow converts to 8-bit RGB faithfully; 16-bit grey is scaled here, the rest refused.
+EIGHT_BIT_MODES = frozenset({"RGB", "RGBA", "RGBX", "RGBa", "L", "LA", "La", "P", "PA", "1", "CMYK", "YCbCr",
+                             "LAB", "HSV"})
+
+
+def rgb8(image: Image.Image, path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a decoded image.  16-bit grey ("I;16*", or "I" within 0..65535) is
+    scaled to 8 bits (v / 257, rounded: the inverse of the usual 8-to-16-bit widening), where
+    Pillow's own conversion would clip it to white; float and other modes are refused."""
+    if image.mode == "RGB":
+        return np.asarray(image)
+    if image.mode in EIGHT_BIT_MODES:
+        return np.asarray(image.convert("RGB"))
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise DataError(f"image {path} has 32-bit pixel values outside 0..65535; convert it to 8-bit RGB")
+        grey = ((values + 128) // 257).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    raise DataError(f"image {path} has {image.mode} pixels, which cannot be read as colours; convert it to "
+                    "8-bit RGB (PNG or JPEG)")
 
 
 def read_label(path: Path) -> Image.Image:

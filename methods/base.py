@@ -111,6 +111,18 @@ class Method:
     def load_state_dict(self, state: Optional[dict]) -> None:
         """Receives the ``method_state`` of the step t-1 checkpoint (None at step 0)."""
 
+    # --- persistence inside a step (the epoch checkpoint ``step-<t>.last.pth``) ---------------
+    def in_step_state(self) -> dict:
+        """What this step has gathered so far and later epochs read (EWC/RW/PI statistics, SDR
+        prototypes, LSKD's learned weights), saved after every validated epoch so that a resumed
+        step continues exactly.  Rank 0 writes it, so it must be equal on every rank (statistics
+        of all-reduced gradients or features are).  Everything else a method holds must follow
+        from the step t-1 state, the teacher and ``before_step``."""
+        return {}
+
+    def load_in_step_state(self, state: dict) -> None:
+        """Restore :meth:`in_step_state` when a step resumes; called after ``before_step``."""
+
 
 def cross_entropy_all_pixels(logits: Tensor, labels: Tensor, weight: Optional[Tensor] = None) -> Tensor:
     """CE averaged over *all* B*H*W pixels, ignored ones contributing 0 (reference §4.0).

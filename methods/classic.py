@@ -210,6 +210,15 @@ class ClassicMethod(Method):
         if self.incremental and self.regularizer is not None:
             self.regularizer.load_previous((state or {}).get("regularizer"))
 
+    def in_step_state(self) -> dict:
+        if self.regularizer is None or not self.regularizer.started:
+            return {}
+        return {"regularizer": self.regularizer.in_step_state()}
+
+    def load_in_step_state(self, state: dict) -> None:
+        if "regularizer" in state:
+            self.regularizer.load_in_step_state(state["regularizer"])
+
 
 # --- registered presets (§4.12; MiB-repo values) ------------------------------------------------
 

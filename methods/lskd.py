@@ -413,6 +413,22 @@ class LSKD(PLOP):
     def state_dict(self) -> dict:
         return {**super().state_dict(), "loss_weights": self.loss_weights.detach().cpu().clone()}
 
+    def in_step_state(self) -> dict:
+        state = {**super().in_step_state(), "loss_weights": self.loss_weights.detach().cpu().clone(),
+                 "initial_frozen": self.initial_frozen}
+        if self.initial_losses is not None:
+            state["initial_losses"] = self.initial_losses.cpu().clone()
+        return state
+
+    def load_in_step_state(self, state: dict) -> None:
+        """w in place: the optimizer holds the parameter itself."""
+        super().load_in_step_state(state)
+        with torch.no_grad():
+            self.loss_weights.copy_(state["loss_weights"])
+        self.initial_frozen = state["initial_frozen"]
+        if "initial_losses" in state:
+            self.initial_losses = state["initial_losses"].to(self.loss_weights.device)
+
     def load_state_dict(self, state: Optional[dict]) -> None:
         """w from the previous step; a PLOP step-0 checkpoint has none, so w starts at ones
         (the reference loaded it non-strictly for the same reason)."""

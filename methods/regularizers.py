@@ -62,6 +62,7 @@ class Regularizer:
 
     name: ClassVar[str]
     required: ClassVar[tuple[str, ...]]
+    in_step: ClassVar[tuple[str, ...]]  # attributes updated during a step (saved in epoch checkpoints)
 
     def __init__(self, importance: float, alpha: float = 0.9, iterations: int = 10, normalize: bool = True):
         self.importance = float(importance)
@@ -111,6 +112,15 @@ class Regularizer:
         """Statistics of this step, on the CPU, for the step checkpoint."""
         return {"name": self.name, **{k: {n: v.detach().cpu() for n, v in d.items()}
                                       for k, d in self._saved_statistics().items()}}
+
+    def in_step_state(self) -> dict:
+        """The running statistics (``in_step``: attribute names), copied to the CPU."""
+        return {k: _to(getattr(self, k), "cpu", copy=True) for k in self.in_step}
+
+    def load_in_step_state(self, state: dict) -> None:
+        device = next(iter(self.params.values())).device if self.params else "cpu"
+        for k in self.in_step:
+            setattr(self, k, _to(state[k], device, copy=True))
 
     # --- every iteration ------------------------------------------------------------------
     def penalty(self) -> Optional[Tensor]:
@@ -191,6 +201,7 @@ class EWC(Regularizer):
 
     name = "ewc"
     required = ("fisher",)
+    in_step = ("fisher",)
 
     def _importance_from(self, previous):
         return {n: self._norm(f.float()) for n, f in previous["fisher"].items()}
@@ -218,6 +229,7 @@ class RW(Regularizer):
 
     name = "rw"
     required = ("fisher", "score")
+    in_step = ("fisher", "score", "snapshot", "count")
 
     def _importance_from(self, previous):
         importance = {n: self._norm(f.float()) for n, f in previous["fisher"].items()}
@@ -266,6 +278,7 @@ class PI(Regularizer):
 
     name = "pi"
     required = ("score",)
+    in_step = ("delta", "start_point", "snapshot")
 
     def _importance_from(self, previous):
         return {n: self._norm(s.float()) for n, s in previous["score"].items()}
@@ -293,6 +306,15 @@ class PI(Regularizer):
             s = torch.where(s > 0, s, torch.zeros_like(s))
             score[n] = s + old[n].to(s.device, torch.float32) if n in old else s
         return {"score": score}
+
+
+def _to(value, device, copy: bool = False):
+    """``value`` (a tensor, a dict of tensors, or anything else) on ``device``."""
+    if isinstance(value, Tensor):
+        return value.detach().to(device, copy=copy)
+    if isinstance(value, dict):
+        return {k: _to(v, device, copy) for k, v in value.items()}
+    return value
 
 
 REGULARIZERS: dict[str, type[Regularizer]] = {cls.name: cls for cls in (EWC, RW, PI)}

@@ -345,6 +345,17 @@ class SDR(ClassicMethod):
             state.update(prototypes=self.prototypes.cpu(), count_features=self.counts.cpu())
         return state
 
+    def in_step_state(self) -> dict:
+        state = super().in_step_state()
+        if self.prototypes is not None:
+            state.update(prototypes=self.prototypes.cpu().clone(), counts=self.counts.cpu().clone())
+        return state
+
+    def load_in_step_state(self, state: dict) -> None:
+        super().load_in_step_state(state)
+        if "prototypes" in state:
+            self.prototypes, self.counts = state["prototypes"].clone(), state["counts"].clone()
+
     def load_state_dict(self, state: Optional[dict]) -> None:
         """Take the step t-1 prototypes and counts; rows of the new classes start at zero."""
         super().load_state_dict(state)

@@ -47,6 +47,53 @@ def confusion_figure(matrix, names: Sequence[str] | None = None):
     return fig
 
 
+# --- results.jsonl: one strict-JSON line per tested step ------------------------------------------
+RESULT_KEY = ("dataset", "task", "overlap", "method", "name", "step", "checkpoint")
+
+
+def strict_json(value):
+    """``value`` with every NaN or infinity replaced by None, so ``json.dumps`` writes ``null``
+    and strict parsers (JavaScript, Go, databases) read the line."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def record_result(path, result: dict) -> None:
+    """Add ``result`` to the JSON-lines file ``path``, replacing the line of the same tested step
+    (same run, step and checkpoint) instead of duplicating it; the file is rewritten atomically."""
+    import json
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    line = json.dumps(strict_json(result), allow_nan=False)
+    key = tuple(result.get(k) for k in RESULT_KEY)
+
+    def other_step(existing: str) -> bool:
+        try:
+            return tuple(json.loads(existing).get(k) for k in RESULT_KEY) != key
+        except (ValueError, AttributeError):  # not ours to judge: keep it as it is
+            return True
+
+    kept = [l for l in (path.read_text().splitlines() if path.is_file() else []) if l.strip() and other_step(l)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the results from other users
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(kept + [line]) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 # --- aggregation over runs (python -m metrics.report RESULTS.jsonl ...) ------------------------------
 def load_results(paths) -> list[dict]:
     import json

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import run  # noqa: E402  (run.py's model and checkpoint helpers)
+import run  # noqa: E402  (run.py's model builder and its user errors)
 from argparser import parse_args, run_dir  # noqa: E402
 from dataset import build_datasets  # noqa: E402
 from dataset.tasks import Task  # noqa: E402
@@ -47,6 +47,8 @@ from utils import checkpoint  # noqa: E402
 from utils.distributed import DistInfo, resolve_device  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
 from utils.modes import eval_mode  # noqa: E402
+from utils.seeding import seed_everything  # noqa: E402
+from utils.step_checkpoint import check_checkpoint, load_weights  # noqa: E402
 
 LAYERS = ["stage 1", "stage 2", "stage 3", "stage 4", "head"]
 
@@ -98,16 +100,16 @@ def main(argv=None) -> None:
         raise ConfigError(f"pod_gap.py needs one incremental step, got --step {' '.join(map(str, opts.step))}; "
                           "pass --step t with t >= 1 (the teacher is step t-1)")
     step = opts.step[0]
-    run.seed_everything(opts.random_seed)  # crops, flips and the batches drawn: one seed, one table
+    seed_everything(opts.random_seed)  # crops, flips and the batches drawn: one seed, one table
     device = resolve_device(opts.device, 0)
 
     task = Task(opts.dataset, opts.task, step)
     path = Path(args.ckpt) if args.ckpt else run_dir(opts) / f"step-{step - 1}.pth"
     state = checkpoint.load(path)
-    run.check_checkpoint(state, task.at(step - 1), path)
+    check_checkpoint(state, task.at(step - 1), opts, path)
     info = DistInfo(device=device)
     model = run.build_model(opts, task.at(step - 1), info, pretrained=False)
-    run.load_weights(model, state["model"], path)
+    load_weights(model, state["model"], path)
     train_copy = copy.deepcopy(model)
 
     print(f"{path}: POD distance between training-mode and eval-mode maps of the same weights, relative to "

@@ -49,7 +49,7 @@ def test_step0_has_no_new():
 
 
 def test_eval_shards_cover_every_image_once():
-    from run import ShardSampler
+    from dataset.loaders import ShardSampler
 
     size, world = 11, 4  # not a multiple: DistributedSampler would pad and count images twice
     shards = [list(ShardSampler(size, rank, world)) for rank in range(world)]

@@ -374,3 +374,48 @@ def test_teacher_names_must_match_the_student():
     reg.load_previous({"name": "ewc", "fisher": random_stats(teacher, 3)})
     with pytest.raises(RuntimeError, match="teacher parameter's name"):
         reg.start(wrapped, teacher)
+
+
+def _iterations(method, model, start, stop, image, label):
+    for it in range(start, stop):
+        model.zero_grad()
+        torch.manual_seed(it)  # the batch of iteration ``it``, wherever it runs
+        noisy = image + 0.1 * torch.randn_like(image)
+        sum(method.loss({"image": noisy, "label": label}, model(noisy), None).values()).backward()
+        method.after_backward(model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sub_(0.05 * p.grad)
+
+
+@pytest.mark.parametrize("name", ["ewc", "rw", "pi"])
+@pytest.mark.parametrize("restore", [True, False])
+def test_in_step_state_makes_a_resumed_step_exact(name, restore):
+    """6 iterations in one go == 4, then a new process (fresh method and model at the step's
+    start, before_step, weights and in-step state of iteration 4 loaded) running 2 more; without
+    the in-step state the saved statistics differ."""
+    previous = {"name": name, "fisher": random_stats(models()[1], 3), "score": random_stats(models()[1], 4)}
+    opts = make_opts("--regularizer", name, "--reg_importance", "50", "--reg_iterations", "2")
+    image, label = torch.randn(2, 3, 3, 3), torch.randint(0, 3, (2, 3, 3))
+
+    def started():
+        model, teacher = models()
+        method = ClassicMethod(opts, task(1))
+        method.load_state_dict({"regularizer": copy.deepcopy(previous)})
+        method.before_step(ctx(model, teacher))
+        return method, model
+
+    method, model = started()
+    _iterations(method, model, 0, 4, image, label)
+    weights, in_step = copy.deepcopy(model.state_dict()), copy.deepcopy(method.in_step_state())
+    _iterations(method, model, 4, 6, image, label)
+    expected = method.state_dict()["regularizer"]
+
+    method, model = started()
+    model.load_state_dict(weights)
+    if restore:
+        method.load_in_step_state(in_step)
+    _iterations(method, model, 4, 6, image, label)
+    resumed = method.state_dict()["regularizer"]
+    same = all(torch.equal(resumed[k][n], expected[k][n]) for k in expected if k != "name" for n in expected[k])
+    assert same == restore

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -45,8 +46,21 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     device = resolve_device(device_name, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size)
+        dist.init_process_group(backend, store=_restart_store(world_size), rank=rank, world_size=world_size)
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def _restart_store(world_size: int):
+    """The rendezvous store; under ``torchrun --max-restarts`` the agent's store with the restart
+    number as key prefix.  The agent keeps one store across restarts, and without the prefix the
+    restarted ranks can read the addresses the killed ones published and wait for them forever
+    (seen with gloo after rank 0 was killed)."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # init_method env://
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timedelta(minutes=30))
+    return dist.PrefixStore(f"cssbench/restart{restart}", store)
 
 
 def is_dist() -> bool:
