@@ -180,7 +180,7 @@ def test_one_step(opts, info: DistInfo, task: Task, path: Path, logger: Logger, 
         "checkpoint": str(path),
     }
     if info.is_main:
-        names = class_names(opts.dataset)
+        names = class_names(opts.dataset, opts.shapes_version)
         logger.info(class_table(scores["class_iou"], names))
         logger.info(summary_header() + "\n" + summary_row(result))
         logger.scalar("test/miou_all", result["miou_all"], task.step)

@@ -20,18 +20,18 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataset.shapes import generate_sample  # noqa: E402
+from dataset.incremental import shapes_generator  # noqa: E402
 from dataset.voc import voc_palette  # noqa: E402
 
 JPEG_QUALITY = 95
 
 
-def write_split(base: Path, split: str, count: int, size: int, seed: int) -> list[str]:
+def write_split(base: Path, split: str, count: int, size: int, seed: int, version: int = 1) -> list[str]:
     """Write ``count`` samples of ``split``; return their image ids."""
     palette = voc_palette()
     ids = []
     for index in range(count):
-        image, label = generate_sample(seed, split, index, size)
+        image, label = shapes_generator(version).generate_sample(seed, split, index, size)
         name = f"{split}_{index:06d}"
         jpg = base / "JPEGImages" / f"{name}.jpg"
         # no chroma subsampling: the stripes and saturated edges would smear at 64 px
@@ -43,14 +43,14 @@ def write_split(base: Path, split: str, count: int, size: int, seed: int) -> lis
     return ids
 
 
-def write_shapes(root: Path, train: int, val: int, size: int, seed: int) -> Path:
+def write_shapes(root: Path, train: int, val: int, size: int, seed: int, version: int = 1) -> Path:
     """Write both splits under ``root/VOC2012``; return that folder."""
     base = root / "VOC2012"
     for folder in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
         (base / folder).mkdir(parents=True, exist_ok=True)
     lists = base / "ImageSets" / "Segmentation"
     for split, count, listing in (("train", train, "train_aug.txt"), ("val", val, "val.txt")):
-        ids = write_split(base, split, count, size, seed)
+        ids = write_split(base, split, count, size, seed, version)
         (lists / listing).write_text("".join(f"{i}\n" for i in ids))
     return base
 
@@ -62,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val", type=int, default=300, help="number of validation images")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (--shapes_seed)")
+    parser.add_argument("--version", type=int, choices=[1, 2], default=1, help="generator (--shapes_version)")
     args = parser.parse_args(argv)
     if args.train < 1 or args.val < 1 or args.size < 16:
         parser.error("--train and --val must be >= 1 and --size >= 16")
-    base = write_shapes(args.root, args.train, args.val, args.size, args.seed)
+    base = write_shapes(args.root, args.train, args.val, args.size, args.seed, args.version)
     print(f"wrote {args.train} train + {args.val} val images to {base}")
     return 0
 

@@ -17,8 +17,9 @@ __all__ = [
 ]
 
 
-def class_names(dataset: str) -> list[str] | None:
+def class_names(dataset: str, shapes_version: int = 1) -> list[str] | None:
     """Display names of a dataset's labels, index = class id (None for ADE20K: ids are shown)."""
-    from . import shapes, voc
+    from . import voc
+    from .incremental import shapes_generator
 
-    return {"voc": voc.CLASS_NAMES, "shapes": shapes.CLASS_NAMES}.get(dataset)
+    return {"voc": voc.CLASS_NAMES, "shapes": shapes_generator(shapes_version).CLASS_NAMES}.get(dataset)

@@ -9,16 +9,13 @@ import numpy as np
 import pytest
 
 from dataset.presence import compute_presence
-from dataset import shapes
-from dataset.shapes import (
+from dataset.shapes_v1 import (
     CLASS_NAMES,
     PAIRS,
     ShapesSplit,
     generate_label,
     generate_sample,
 )
-from dataset.shapes_draw import COLOURS, TEXTURES
-from dataset.shapes_pool import generate_example
 from dataset.voc import voc_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,55 +124,3 @@ def test_make_shapes_round_trip_through_voc_loader(tmp_path):
     with Image.open(png) as written:
         assert written.mode == "P"
         assert written.getpalette()[15 * 3 : 15 * 3 + 3] == [192, 128, 128]  # VOC "person"
-
-
-# ---------------------------------------------------------------------------- VOC-like structure
-
-
-def test_pretraining_pool_is_disjoint_from_the_benchmark_classes():
-    classes = {(c.shape, c.texture) for c in shapes.CLASSES}
-    pool = {(c.shape, c.texture) for c in shapes.POOL}
-    assert len(classes) == 20 and len(pool) == len(shapes.POOL) >= 50
-    assert not classes & pool  # no pool category is a benchmark class
-    # the pool shares the benchmark's vocabulary: its colours, its textures and its shapes
-    assert {c for look in shapes.POOL for c in look.colours} == set(COLOURS)
-    assert {look.texture for look in shapes.POOL} == set(TEXTURES)
-    assert {c.shape for c in shapes.CLASSES} < {look.shape for look in shapes.POOL}
-    # examples: an image and a pool category, deterministic
-    image, category = generate_example(shapes.POOL, 0, 5)
-    again, same = generate_example(shapes.POOL, 0, 5)
-    assert image.shape == (64, 64, 3) and np.array_equal(image, again) and category == same
-    assert 0 <= category < len(shapes.POOL)
-
-
-def test_no_colour_or_texture_names_a_class():
-    """Every colour is worn by several classes and every texture by five (VOC: no single cue)."""
-    wearers = {c: sum(c in look.colours for look in shapes.CLASSES) for c in COLOURS}
-    assert min(wearers.values()) >= 5
-    textures = [look.texture for look in shapes.CLASSES]
-    assert all(textures.count(t) == 5 for t in set(textures))
-    # confusable groups: same shape and colours, another texture (like cat and dog)
-    same_but_texture = [(a, b) for a in shapes.CLASSES for b in shapes.CLASSES
-                        if a.shape == b.shape and a.colours == b.colours and a.texture < b.texture]
-    assert same_but_texture
-
-
-def _mean_colour(images):
-    pixels = np.concatenate([image.reshape(-1, 3) for image in images]).astype(np.float64)
-    return pixels.mean(0), pixels.std(0)
-
-
-@pytest.mark.parametrize("task", ["19-1", "15-5", "15-1", "10-1", "5-3"])
-def test_class_order_is_unrelated_to_appearance(task):
-    """Each step's training images (overlapped) have the base images' colour statistics: the mean
-    of every channel within 0.15 standard deviations (VOC's alphabetical order: increments look
-    like base classes; the previous generator's striped increments were 0.31 away)."""
-    from dataset.tasks import Task
-
-    samples = [generate_sample(0, "train", i) for i in range(1500)]
-    presence = np.array([np.isin(np.arange(21), label) for _, label in samples])
-    steps = Task("shapes", task, 0).all_steps
-    base_mean, base_std = _mean_colour([image for (image, _), p in zip(samples, presence) if p[steps[0]].any()])
-    for step in steps[1:]:
-        mean, _ = _mean_colour([image for (image, _), p in zip(samples, presence) if p[step].any()])
-        assert np.all(np.abs(mean - base_mean) < 0.15 * base_std), (task, step, mean, base_mean)

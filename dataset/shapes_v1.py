@@ -1,0 +1,305 @@
+"""A synthetic, VOC-like segmentation set, generated on the fly (``--dataset shapes``).
+
+Why: continual-learning effects (forgetting, what distillation keeps) become visible on a CPU
+in minutes.  The set mirrors VOC where it matters for the protocol: 20 foreground classes, 1-4
+objects per image, classes that co-occur in fixed pairs (like person+horse), a textured
+background, and a 255 band on object boundaries.
+
+Each class is a unique (colour, texture) pair, and also has its own shape among its colour's
+two classes, so a tiny CNN separates them quickly: classes 1-10 are solid shapes in 10 colours,
+classes 11-20 striped shapes in the same colours with a different shape.  Objects are large
+(diameter about a third to three fifths of the image), with moderate jitter of hue, brightness,
+size, position and rotation.
+
+A sample is a pure function of (seed, split, index): the layout (classes, positions, sizes)
+comes from one random stream and the appearance from another, so labels can be rendered
+without the image (the class-presence index of a split is cheap).
+"""
+from __future__ import annotations
+
+import colorsys
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import numpy as np
+
+from .presence import cache_key_of
+
+GENERATOR_VERSION = 1  # bump when the output changes: it keys the presence cache
+SPLITS = {"train": 0, "val": 1}
+IGNORE_LABEL = 255
+
+SHAPES = ("disc", "square", "triangle", "diamond", "cross", "ring", "frame", "star", "hexagon",
+          "ellipse")
+# name, HSV hue in degrees (None: achromatic)
+COLOURS = (("red", 0.0), ("amber", 45.0), ("lime", 90.0), ("green", 135.0), ("cyan", 180.0),
+           ("blue", 225.0), ("violet", 270.0), ("pink", 315.0), ("white", None), ("black", None))
+
+
+@dataclass(frozen=True)
+class ShapeClass:
+    shape: str
+    colour: str
+    striped: bool
+
+    @property
+    def name(self) -> str:
+        return f"{'striped ' if self.striped else ''}{self.colour} {self.shape}"
+
+
+def _make_classes() -> tuple[ShapeClass, ...]:
+    solid = [ShapeClass(SHAPES[i], COLOURS[i][0], False) for i in range(10)]
+    striped = [ShapeClass(SHAPES[(i + 5) % 10], COLOURS[i][0], True) for i in range(10)]
+    return tuple(solid + striped)
+
+
+CLASSES = _make_classes()  # CLASSES[k - 1] is class k
+CLASS_NAMES = ["background"] + [c.name for c in CLASSES]
+NUM_FOREGROUND = len(CLASSES)
+
+# Co-occurring pairs (a perfect matching, so that every class stays equally frequent).  Several
+# pairs straddle the 15/16 and 10/11 task boundaries, so overlap and disjoint protocols differ.
+PAIRS = ((1, 6), (2, 14), (3, 17), (4, 19), (5, 9), (7, 16), (8, 12), (10, 18), (11, 20), (13, 15))
+PARTNER = np.zeros(NUM_FOREGROUND + 1, dtype=np.int64)
+for _a, _b in PAIRS:
+    PARTNER[_a], PARTNER[_b] = _b, _a
+
+_NUM_OBJECTS_P = (0.35, 0.35, 0.2, 0.1)  # 1, 2, 3 or 4 objects
+_PARTNER_P = 0.5
+
+
+@dataclass(frozen=True)
+class _Object:
+    cls: int
+    cx: float
+    cy: float
+    radius: float
+    angle: float  # radians, small: a square must not turn into a diamond
+
+
+def _rngs(seed: int, split: str, index: int) -> tuple[np.random.Generator, np.random.Generator]:
+    layout, appearance = np.random.SeedSequence([seed, SPLITS[split], index]).spawn(2)
+    return np.random.default_rng(layout), np.random.default_rng(appearance)
+
+
+def _layout(rng: np.random.Generator, size: int) -> list[_Object]:
+    count = 1 + int(rng.choice(len(_NUM_OBJECTS_P), p=_NUM_OBJECTS_P))
+    classes = [int(rng.integers(1, NUM_FOREGROUND + 1))]
+    for _ in range(count - 1):
+        if rng.random() < _PARTNER_P:
+            classes.append(int(PARTNER[classes[int(rng.integers(len(classes)))]]))
+        else:
+            classes.append(int(rng.integers(1, NUM_FOREGROUND + 1)))
+    objects = [
+        _Object(
+            cls=c,
+            cx=float(rng.uniform(0.2, 0.8) * size),
+            cy=float(rng.uniform(0.2, 0.8) * size),
+            radius=float(rng.uniform(0.16, 0.3) * size),
+            angle=float(rng.uniform(-0.26, 0.26)),
+        )
+        for c in classes
+    ]
+    # Large objects first, so that small ones are drawn on top and stay visible.
+    return sorted(objects, key=lambda o: -o.radius)
+
+
+@lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates (y, x) of a size x size image."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    y.flags.writeable = x.flags.writeable = False
+    return y, x
+
+
+def _unit_coords(obj: _Object, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates in the object's frame: radius 1, u to the right, v up."""
+    y, x = _grid(size)
+    dx, dy = (x - obj.cx) / obj.radius, (obj.cy - y) / obj.radius
+    c, s = np.cos(obj.angle), np.sin(obj.angle)
+    return c * dx + s * dy, -s * dx + c * dy
+
+
+def _triangle(u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
+    """Upward equilateral triangle with circumradius r, centred on its centroid."""
+    root3 = np.sqrt(3.0)
+    return (v >= -r / 2) & (root3 * u + v <= r) & (-root3 * u + v <= r)
+
+
+def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    d2 = u * u + v * v
+    box = np.maximum(np.abs(u), np.abs(v))
+    if shape == "disc":
+        return d2 <= 1.0
+    if shape == "square":
+        return box <= 0.82
+    if shape == "triangle":
+        return _triangle(u, v, 1.15)
+    if shape == "diamond":
+        return np.abs(u) / 0.75 + np.abs(v) <= 1.05
+    if shape == "cross":
+        return ((np.abs(u) <= 0.3) & (np.abs(v) <= 1.0)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 1.0))
+    if shape == "ring":
+        return (d2 <= 1.0) & (d2 >= 0.5**2)
+    if shape == "frame":
+        return (box <= 0.85) & (box >= 0.42)
+    if shape == "star":
+        return _triangle(u, v, 1.05) | _triangle(u, -v, 1.05)
+    if shape == "hexagon":
+        r, root3 = 0.95, np.sqrt(3.0)
+        return (np.abs(v) <= r * root3 / 2) & (root3 * np.abs(u) + np.abs(v) <= r * root3)
+    if shape == "ellipse":
+        return (u / 1.1) ** 2 + (v / 0.55) ** 2 <= 1.0
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _masks(objects: list[_Object], size: int) -> list[np.ndarray]:
+    return [_shape_mask(CLASSES[o.cls - 1].shape, *_unit_coords(o, size)) for o in objects]
+
+
+def _boundary(label: np.ndarray) -> np.ndarray:
+    """Pixels with a 4-neighbour of another label: a 2-pixel band across every edge."""
+    edge = np.zeros(label.shape, dtype=bool)
+    dx = label[:, 1:] != label[:, :-1]
+    dy = label[1:, :] != label[:-1, :]
+    edge[:, 1:] |= dx
+    edge[:, :-1] |= dx
+    edge[1:, :] |= dy
+    edge[:-1, :] |= dy
+    return edge
+
+
+def _render_label(objects: list[_Object], masks: list[np.ndarray], size: int) -> np.ndarray:
+    label = np.zeros((size, size), dtype=np.uint8)
+    for obj, mask in zip(objects, masks):
+        label[mask] = obj.cls
+    label[_boundary(label)] = IGNORE_LABEL
+    return label
+
+
+def _hsv(h_deg: float, s: float, v: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb((h_deg % 360.0) / 360.0, s, v), dtype=np.float32) * 255.0
+
+
+def _object_colour(rng: np.random.Generator, colour: str) -> np.ndarray:
+    hue = dict(COLOURS)[colour]
+    if colour == "white":
+        return _hsv(rng.uniform(0, 360), rng.uniform(0.0, 0.08), rng.uniform(0.88, 1.0))
+    if colour == "black":
+        return _hsv(rng.uniform(0, 360), rng.uniform(0.0, 0.3), rng.uniform(0.03, 0.14))
+    return _hsv(hue + rng.uniform(-10, 10), rng.uniform(0.7, 1.0), rng.uniform(0.72, 1.0))
+
+
+def _stripe_colour(rng: np.random.Generator, colour: str, base: np.ndarray) -> np.ndarray:
+    if colour == "black":
+        return _hsv(55 + rng.uniform(-5, 5), rng.uniform(0.8, 1.0), rng.uniform(0.85, 1.0))
+    if colour == "white":
+        return _hsv(0, 0, rng.uniform(0.03, 0.12))
+    return base * rng.uniform(0.25, 0.4)
+
+
+def _muted_colour(rng: np.random.Generator) -> np.ndarray:
+    """Background tones: low saturation, mid brightness, far from every object colour."""
+    return _hsv(rng.uniform(0, 360), rng.uniform(0.0, 0.18), rng.uniform(0.32, 0.62))
+
+
+def _direction(
+    rng: np.random.Generator, size: int, cx: float = 0.0, cy: float = 0.0
+) -> np.ndarray:
+    """Signed distance in pixels from (cx, cy) along a random direction, at every pixel."""
+    y, x = _grid(size)
+    phi = rng.uniform(0, 2 * np.pi)
+    return (x - cx) * np.cos(phi) + (y - cy) * np.sin(phi)
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Bilinear upsampling of a cells x cells random grid to size x size, values in [0, 1]."""
+    grid = rng.random((cells + 1, cells + 1)).astype(np.float32)
+    pos = (np.arange(size, dtype=np.float32) + 0.5) * cells / size
+    i = np.minimum(pos.astype(np.int64), cells - 1)
+    f = pos - i
+    rows = grid[i] * (1 - f)[:, None] + grid[i + 1] * f[:, None]          # (size, cells+1)
+    return rows[:, i] * (1 - f)[None, :] + rows[:, i + 1] * f[None, :]    # (size, size)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    c1, c2 = _muted_colour(rng), _muted_colour(rng)
+    kind = int(rng.integers(3))
+    if kind == 0:  # linear gradient
+        t = _direction(rng, size)
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    elif kind == 1:  # soft stripes, wider than the object stripes
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * _direction(rng, size) / rng.uniform(10, 20))
+    else:  # blotches
+        t = _smooth_noise(rng, size, int(rng.integers(3, 7)))
+    return c1 + t[..., None] * (c2 - c1)
+
+
+def _render_image(
+    objects: list[_Object], masks: list[np.ndarray], rng: np.random.Generator, size: int
+) -> np.ndarray:
+    image = _background(rng, size)
+    for obj, mask in zip(objects, masks):
+        spec = CLASSES[obj.cls - 1]
+        colour = _object_colour(rng, spec.colour)
+        # Mild shading across the object, so that colour is not a single constant.
+        ramp = _direction(rng, size, obj.cx, obj.cy)[mask] / obj.radius
+        shade = 1.0 + 0.12 * np.clip(ramp, -1.0, 1.0)
+        pixels = colour[None, :] * shade[:, None]
+        if spec.striped:
+            period = rng.uniform(4.0, 6.5)
+            dark = (_direction(rng, size)[mask] % period) < period / 2
+            pixels[dark] = _stripe_colour(rng, spec.colour, colour)
+        image[mask] = pixels
+    image += rng.normal(0.0, 4.0, image.shape).astype(np.float32)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def generate_sample(
+    seed: int, split: str, index: int, size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 HxWx3 image, uint8 HxW label) of sample ``index`` of ``split``."""
+    layout_rng, appearance_rng = _rngs(seed, split, index)
+    objects = _layout(layout_rng, size)
+    masks = _masks(objects, size)
+    return _render_image(objects, masks, appearance_rng, size), _render_label(objects, masks, size)
+
+
+def generate_label(seed: int, split: str, index: int, size: int = 64) -> np.ndarray:
+    """The label of ``generate_sample`` alone, without rendering the image."""
+    objects = _layout(_rngs(seed, split, index)[0], size)
+    return _render_label(objects, _masks(objects, size), size)
+
+
+@dataclass(frozen=True)
+class ShapesSplit:
+    """A split of the synthetic set, indexable like ``voc.FileSplit``, with nothing on disk."""
+
+    split: str
+    num_images: int
+    image_size: int = 64
+    seed: int = 0
+    dataset: str = "shapes"
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"unknown shapes split {self.split!r}; choose one of {list(SPLITS)}")
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(H, W, 3) uint8 image and (H, W) uint8 label of one sample, generated now."""
+        return generate_sample(self.seed, self.split, index, self.image_size)
+
+    def label_array(self, index: int) -> np.ndarray:
+        return generate_label(self.seed, self.split, index, self.image_size)
+
+    def label_reader(self) -> tuple[Callable[[int], np.ndarray], range]:
+        return self.label_array, range(self.num_images)
+
+    def cache_key(self) -> str:
+        parts = {"split": self.split, "n": self.num_images, "size": self.image_size,
+                 "seed": self.seed, "version": GENERATOR_VERSION}
+        return f"shapes-{self.split}-{cache_key_of(parts)}"
