@@ -293,6 +293,8 @@ def make_norm_act(name: str, group: Optional[Any] = None) -> Callable[[int], nn.
         return partial(BatchNormAct, **act)
     package = _inplace_abn_package()
     layers = package_layers(package) if package is not None else {}
+    if name == "iabn_sync" and package is not None and group is None:
+        name = "iabn"  # one process: nothing to synchronise, and the package's layer would need a process group
     if name == "iabn_sync":
         # The package reduces statistics across replicas only in its CUDA kernels; CPU (gloo)
         # runs keep the pure layer.

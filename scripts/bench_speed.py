@@ -33,6 +33,8 @@ from segmentation_module import make_model  # noqa: E402
 from train import Precision, Trainer, evaluate, move_batch  # noqa: E402
 from utils.malloc import keep_freed_memory  # noqa: E402
 
+CPU = torch.device("cpu")
+
 # Reference figures (PLOP's code, the MiB lineage) on a 2-core AVX-512 machine, torch 2.13 CPU, fp32.
 REFERENCE = {
     ("train_step_s", "FT", 128): 0.37, ("train_step_s", "FT", 256): 0.935,
@@ -44,22 +46,31 @@ REFERENCE = {
 }
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a timing covers it (nothing to wait for on a CPU)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def median_time(fn, iters: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def options(args, method: str, amp: bool):
+def options(args, method: str, amp: bool, amp_dtype: str | None = None):
     argv = ["--dataset", "shapes", "--task", "15-1", "--method", method, "--backbone", args.backbone,
             "--norm_act", args.norm_act, "--width", str(args.width), "--no_pretrained",
-            "--batch_size", str(args.batch_size)]
-    return parse_args(argv + (["--amp"] if amp else []) + (["--channels_last"] if args.channels_last else []))
+            "--batch_size", str(args.batch_size), "--output_stride", str(getattr(args, "output_stride", 16))]
+    argv += (["--amp"] if amp else []) + (["--amp_dtype", amp_dtype] if amp and amp_dtype else [])
+    return parse_args(argv + (["--channels_last"] if args.channels_last else []))
 
 
 def synthetic_batch(batch: int, crop: int, n_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,15 +82,15 @@ def synthetic_batch(batch: int, crop: int, n_classes: int, seed: int = 0) -> tup
     return torch.randint(0, 256, (batch, 3, crop, crop), generator=g, dtype=torch.uint8), labels
 
 
-def previous_state(opts, model, task0: Task, loader) -> dict:
+def previous_state(opts, model, task0: Task, loader, device: torch.device = CPU) -> dict:
     """What the method's step 0 would leave in its checkpoint (prototypes, statistics), so that
     stateful methods (REMINDER, SDR, EWC) can run their step 1 here."""
     step0 = opts.method_cls(opts, task0)
     step0.load_state_dict(None)
-    ctx = StepContext(model=model, teacher=None, train_loader=loader, device=torch.device("cpu"), task=task0,
-                      opts=opts, autocast=Precision(torch.device("cpu"), opts.amp).autocast, log=lambda *_: None)
+    ctx = StepContext(model=model, teacher=None, train_loader=loader, device=device, task=task0,
+                      opts=opts, autocast=Precision(device, opts.amp, opts.amp_dtype).autocast, log=lambda *_: None)
     step0.before_step(ctx)
-    batch = move_batch(loader[0], torch.device("cpu"), opts.channels_last)
+    batch = move_batch(loader[0], device, opts.channels_last)
     images, labels = batch["image"], batch["label"]
     labels = labels.masked_fill((labels >= task0.n_seen) & (labels != 255), 0)  # step-0 masking
     with torch.no_grad():  # one step-0 loss call: methods that gather state in loss() (SDR) do so
@@ -88,13 +99,13 @@ def previous_state(opts, model, task0: Task, loader) -> dict:
     return step0.state_dict()
 
 
-def build_step(args, method: str, crop: int, amp: bool):
+def build_step(args, method: str, crop: int, amp: bool, device: torch.device = CPU, amp_dtype: str | None = None):
     """Student and teacher of 15-1 step 1 (the incremental case the methods differ on)."""
-    opts = options(args, method, amp)
+    opts = options(args, method, amp, amp_dtype)
     task = Task("shapes", "15-1", 1)
     torch.manual_seed(0)
-    teacher = make_model(opts, task.at(0).classes_per_step).eval().requires_grad_(False)
-    model = make_model(opts, task.classes_per_step)
+    teacher = make_model(opts, task.at(0).classes_per_step).to(device).eval().requires_grad_(False)
+    model = make_model(opts, task.classes_per_step).to(device)
     model.load_state_dict(teacher.state_dict(), strict=False)
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -102,25 +113,31 @@ def build_step(args, method: str, crop: int, amp: bool):
     batch = synthetic_batch(args.batch_size, crop, task.n_seen)
     loader = [batch]
     method_obj = opts.method_cls(opts, task)
-    method_obj.load_state_dict(previous_state(opts, teacher, task.at(0), loader))
+    method_obj.load_state_dict(previous_state(opts, teacher, task.at(0), loader, device))
     method_obj.init_new_classifier(model)
-    trainer = Trainer(model, teacher, method_obj, opts, torch.device("cpu"), lr=0.001, iters_per_epoch=1000, epochs=1)
+    trainer = Trainer(model, teacher, method_obj, opts, device, lr=0.001, iters_per_epoch=1000, epochs=1)
     ctx = trainer.context(loader, task, log=lambda *_: None)
     method_obj.before_step(ctx)
     return opts, model, trainer, batch, ctx
 
 
-def bench_train(args, method: str, crop: int, amp: bool) -> dict:
-    opts, model, trainer, batch, _ = build_step(args, method, crop, amp)
+def bench_train(args, method: str, crop: int, amp: bool, device: torch.device = CPU,
+                amp_dtype: str | None = None, count_flops: bool = False) -> dict:
+    opts, model, trainer, batch, _ = build_step(args, method, crop, amp, device, amp_dtype)
     model.train()
-    cpu = torch.device("cpu")
     # the step includes moving the loader's batch in (normalising the uint8 images), as in training
-    step = median_time(lambda: trainer.train_step(move_batch(batch, cpu, opts.channels_last)), args.iters,
+    step = median_time(lambda: trainer.train_step(move_batch(batch, device, opts.channels_last)), args.iters,
                        args.warmup)
-    batch = move_batch(batch, cpu, opts.channels_last)
     result = {"train_step_s": step, "train_img_s": args.batch_size / step}
+    if count_flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:  # student forward + backward, teacher forward
+            trainer.train_step(move_batch(batch, device, opts.channels_last))
+        result["step_flop"] = counter.get_total_flops()
+    batch = move_batch(batch, device, opts.channels_last)
     if method == "FT":
-        precision = Precision(torch.device("cpu"), amp)
+        precision = Precision(device, amp, amp_dtype)
 
         def forward_backward():
             with precision.autocast():
@@ -140,22 +157,23 @@ def bench_plop_thresholds(args, crop: int, amp: bool) -> float:
     return median_time(lambda: trainer.method.before_step(ctx), max(1, args.iters // 3), 1)
 
 
-def bench_eval(args, method: str, crop: int, amp: bool) -> float:
+def bench_eval(args, method: str, crop: int, amp: bool, device: torch.device = CPU, amp_dtype: str | None = None,
+               batch_size: int = 4) -> float:
     """Evaluation images/s with the method's own head and prediction rule (DKD differs)."""
-    opts = options(args, method, amp)
+    opts = options(args, method, amp, amp_dtype)
     task = Task("shapes", "15-1", 1)
     predict = opts.method_cls(opts, task).predict
-    model = make_model(opts, task.classes_per_step)
+    model = make_model(opts, task.classes_per_step).to(device)
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    batch = synthetic_batch(4, crop, task.n_seen)
+    batch = synthetic_batch(batch_size, crop, task.n_seen)
     # 10 batches per call: evaluate() prepares its inference copy (folded norms) once per call,
     # which a real validation set (1449 VOC images) amortises; 40 images come close to that.
     loader = [batch] * 10
-    precision = Precision(torch.device("cpu"), amp)
-    t = median_time(lambda: evaluate(model, loader, task.n_seen, predict, torch.device("cpu"),
-                                     precision, opts.channels_last), max(1, args.iters // 3), 1)
-    return 4 * len(loader) / t
+    precision = Precision(device, amp, amp_dtype)
+    t = median_time(lambda: evaluate(model, loader, task.n_seen, predict, device, precision, opts.channels_last),
+                    max(1, args.iters // 3), 1)
+    return batch_size * len(loader) / t
 
 
 def voc_folder(n_images: int) -> Path:

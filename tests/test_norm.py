@@ -265,6 +265,14 @@ def test_inplace_abn_package_computes_what_the_pure_layers_do(inplace_abn, name)
     torch.testing.assert_close(layer(x.clone()), pure(x))
 
 
+def test_single_process_iabn_sync_on_the_package_needs_no_process_group(inplace_abn):
+    """Without a process group (one process) iabn_sync is the package's InPlaceABN: its sync layer
+    would ask torch.distributed for the world size of a group that does not exist."""
+    layer = make_norm_act("iabn_sync")(3)
+    assert isinstance(layer, inplace_abn.InPlaceABN)
+    layer(torch.randn(2, 3, 4, 4) + 0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["iabn", "abn"])
 def test_inplace_abn_package_runs_under_cpu_autocast(inplace_abn, name, dtype):
