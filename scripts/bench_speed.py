@@ -1,8 +1,9 @@
 """Speed benchmark: training step per method, data pipeline, evaluation, PLOP threshold pass.
 
 Measures our code on the configuration of the reference measurements (DeepLabV3-ResNet-101,
-``--norm_act iabn``, output stride 16, batch 2, 2 threads, data loading excluded from the step)
-and prints each figure beside the reference's and the ratio.  Medians after warm-up.
+``--norm_act iabn``, output stride 16, batch 2, 2 threads, data loading excluded from the step).
+Medians after warm-up.  Figures hold for the machine that printed them: compare with another
+implementation only when both ran on that machine in one session.
 
     python scripts/bench_speed.py                      # fp32 and --amp, crops 128 and 256
     python scripts/bench_speed.py --quick              # tiny model, a smoke run in seconds
@@ -34,17 +35,6 @@ from train import Precision, Trainer, evaluate, move_batch  # noqa: E402
 from utils.malloc import keep_freed_memory  # noqa: E402
 
 CPU = torch.device("cpu")
-
-# Reference figures (PLOP's code, the MiB lineage) on a 2-core AVX-512 machine, torch 2.13 CPU, fp32.
-REFERENCE = {
-    ("train_step_s", "FT", 128): 0.37, ("train_step_s", "FT", 256): 0.935,
-    ("train_step_s", "MiB", 128): 0.44, ("train_step_s", "MiB", 256): 1.175,
-    ("train_step_s", "PLOP", 128): 0.45, ("train_step_s", "PLOP", 256): 1.245,
-    ("pipeline_img_s", "1 process", 128): 528, ("pipeline_img_s", "1 process", 256): 153,
-    ("eval_img_s", "batch 4", 256): 10.4,
-    ("plop_thresholds_s", "37 images", 128): 1.3, ("plop_thresholds_s", "37 images", 256): 3.9,
-}
-
 
 def synchronize() -> None:
     """Wait for queued GPU work, so that a timing covers it (nothing to wait for on a CPU)."""
@@ -260,13 +250,6 @@ def peak_memory_mb() -> dict:
     return peak
 
 
-def fmt_ratio(ours: float, ref: float | None, lower_is_better: bool) -> str:
-    if ref is None:
-        return ""
-    ratio = ref / ours if lower_is_better else ours / ref
-    return f"{ratio:5.2f}x"
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="resnet101")
@@ -293,16 +276,11 @@ def main(argv=None):
     keep_freed_memory()  # as run.py does
     rows = []
 
-    def report(kind, what, crop, precision, value, unit, lower_is_better, extra=None):
-        # The reference was measured in fp32 on ResNet-101; --amp rows are compared with it too.
-        full_size = args.backbone == "resnet101" and args.width == 1
-        ref = REFERENCE.get((kind, what, crop)) if full_size or kind == "pipeline_img_s" else None
+    def report(kind, what, crop, precision, value, unit, extra=None):
         row = {"kind": kind, "what": what, "crop": crop, "precision": precision, "value": value, "unit": unit,
-               "reference": ref, **(extra or {})}
+               **(extra or {})}
         rows.append(row)
-        ratio = fmt_ratio(value, ref, lower_is_better)
-        ref_text = f"{ref:8.3g}" if ref is not None else "       -"
-        print(f"{kind:18s} {what:10s} {crop:5d} {precision:5s} {value:9.3f} {unit:6s} ref {ref_text}  {ratio}"
+        print(f"{kind:18s} {what:10s} {crop:5d} {precision:5s} {value:9.3f} {unit:6s}"
               + (f"  {json.dumps(extra)}" if extra else ""), flush=True)
 
     print(f"torch {torch.__version__}, {args.threads} threads, {args.backbone} x{args.width} {args.norm_act}, "
@@ -321,15 +299,15 @@ def main(argv=None):
                         extra["x_FT"] = round(r["train_step_s"] / ft_step, 2)
                     if "outside_model_share" in r:
                         extra["outside_fwd_bwd"] = round(r["outside_model_share"], 3)
-                    report("train_step_s", method, crop, precision, r["train_step_s"], "s", True, extra)
+                    report("train_step_s", method, crop, precision, r["train_step_s"], "s", extra)
             if "thresholds" not in args.skip:
                 report("plop_thresholds_s", "37 images", crop, precision, bench_plop_thresholds(args, crop, amp),
-                       "s", True)
+                       "s")
             if "eval" not in args.skip:
                 for method in args.methods:
                     reset_peak_memory()
                     report("eval_img_s", "batch 4" if method == "FT" else method, crop, precision,
-                           bench_eval(args, method, crop, amp), "img/s", False, peak_memory_mb())
+                           bench_eval(args, method, crop, amp), "img/s", peak_memory_mb())
     if "pipeline" not in args.skip:
         root = voc_folder(args.pipeline_images)
         try:
@@ -337,7 +315,7 @@ def main(argv=None):
                 for workers in (0, 1, 2):
                     what = {0: "1 process", 1: "1 worker"}.get(workers, f"{workers} workers")
                     report("pipeline_img_s", what, crop, "-", bench_pipeline(crop, root, workers, args.pipeline_passes),
-                           "img/s", False)
+                           "img/s")
         finally:
             shutil.rmtree(root, ignore_errors=True)
     print(f"peak RSS {peak_rss_mb():.0f} MB")
