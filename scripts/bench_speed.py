@@ -58,7 +58,7 @@ def median_time(fn, iters: int, warmup: int) -> float:
 def options(args, method: str, amp: bool, amp_dtype: str | None = None):
     argv = ["--dataset", "shapes", "--task", "15-1", "--method", method, "--backbone", args.backbone,
             "--norm_act", args.norm_act, "--width", str(args.width), "--no_pretrained",
-            "--batch_size", str(args.batch_size), "--output_stride", str(getattr(args, "output_stride", 16))]
+            "--batch_size", str(args.batch_size), "--output_stride", str(args.output_stride)]
     argv += (["--amp"] if amp else []) + (["--amp_dtype", amp_dtype] if amp and amp_dtype else [])
     return parse_args(argv + (["--channels_last"] if args.channels_last else []))
 
@@ -255,6 +255,7 @@ def main(argv=None):
     p.add_argument("--backbone", default="resnet101")
     p.add_argument("--norm_act", default="iabn")
     p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--output_stride", type=int, choices=[8, 16], default=16)
     p.add_argument("--batch_size", type=int, default=2)
     p.add_argument("--crops", type=int, nargs="+", default=[128, 256])
     p.add_argument("--methods", nargs="+", default=["FT", "MiB", "PLOP"])
