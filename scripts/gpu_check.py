@@ -11,7 +11,8 @@ with the teacher) at crop 512, batch 12, DeepLabV3-ResNet-101 OS16 in bf16 and f
 peak allocated memory, TFLOP/s from the step's FLOP count and its share of the GPU's dense bf16
 peak); evaluation images/s; the data pipeline's images/s per worker process at crop 512 and the
 workers the measured step needs; and the projected wall time of VOC 15-1 overlapped at the paper
-schedule.  The measurements are scripts/bench_speed.py's functions.
+schedule.  The measurements are scripts/bench_speed.py's functions.  Exit status 1 when the DDP
+step or the demo failed (the table says which), 2 for ``--device cuda`` without a visible GPU.
 """
 from __future__ import annotations
 
