@@ -80,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight_decay", type=float, default=1e-4)
     g.add_argument("--lr_power", type=float, default=0.9, help="poly schedule power (per iteration)")
-    g.add_argument("--amp", action="store_true", help="mixed precision: bf16 on CPU, fp16 + loss scaling on CUDA")
+    g.add_argument("--amp", action="store_true", help="mixed precision (autocast) in --amp_dtype")
+    g.add_argument("--amp_dtype", choices=["bf16", "fp16"], default=None,
+                   help="type of --amp; default bf16 where the device has it (CPU, CUDA compute capability >= 8.0), "
+                        "else fp16; fp16 trains with loss scaling")
     g.add_argument("--opt_level", choices=["O0", "O1", "O2", "O3"], default=None,
                    help="apex spelling: O0 = fp32, O1/O2/O3 = --amp")
     g.add_argument("--random_seed", type=int, default=42)
@@ -193,6 +196,8 @@ def parse_args(argv=None):
 
     if opts.opt_level is not None:
         opts.amp = opts.amp or opts.opt_level != "O0"
+    if opts.amp_dtype and not opts.amp:
+        raise ConfigError(f"--amp_dtype {opts.amp_dtype} sets the type of --amp; add --amp (or drop --amp_dtype)")
     if opts.norm_act == "std":
         opts.norm_act = "bn"
     if opts.name is None:

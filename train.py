@@ -18,20 +18,46 @@ from methods.base import Method, StepContext
 from metrics import ConfusionMatrix
 from modules.fuse import inference_copy
 from utils.distributed import all_reduce_sum
-from utils.errors import NaNLossError
+from utils.errors import ConfigError, NaNLossError
 from utils.scheduler import poly_lr
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MIN_LOSS_SCALE = 1.0  # below it fp16 loses gradient range: the run stops instead of silently not learning
+
+
+def default_amp_dtype(device: torch.device) -> str:
+    """bf16 where the device computes it natively (any CPU, CUDA compute capability >= 8.0): it
+    has fp32's range, so no loss scaling; fp16 with loss scaling otherwise."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        return "fp16"
+    return "bf16"
 
 
 @dataclass
 class Precision:
-    """Autocast settings: bf16 on CPU (no scaler needed), fp16 with loss scaling on CUDA."""
+    """Autocast settings: ``--amp`` turns autocast on, ``--amp_dtype`` (default: the device's,
+    see :func:`default_amp_dtype`) picks bf16 or fp16; fp16 trains with a loss-scaling
+    GradScaler, on CUDA and on the CPU alike."""
 
     device: torch.device
     enabled: bool
+    dtype_name: Optional[str] = None
+
+    def __post_init__(self):
+        self.dtype_name = self.dtype_name or default_amp_dtype(self.device)
+        if self.enabled and self.dtype_name == "bf16" and self.device.type == "cuda" \
+                and not torch.cuda.is_bf16_supported(including_emulation=False):
+            name = torch.cuda.get_device_name(self.device)
+            raise ConfigError(f"{name} computes no bf16; train with --amp_dtype fp16 (loss-scaled) or without --amp")
 
     @property
-    def dtype(self):
-        return torch.float16 if self.device.type == "cuda" else torch.bfloat16
+    def dtype(self) -> torch.dtype:
+        return AMP_DTYPES[self.dtype_name]
+
+    @property
+    def loss_scaling(self) -> bool:
+        return self.enabled and self.dtype == torch.float16
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.enabled)
@@ -39,14 +65,31 @@ class Precision:
     def inference_copy(self, model: nn.Module, channels_last: bool = False) -> nn.Module:
         """A frozen copy of ``model`` for forward passes only (teacher, evaluation): norms folded
         into the convolutions; on a CPU stored channels-last (oneDNN's faster layout: 1.3x in
-        fp32, 1.4x in bf16 for ResNet-101 inference, measured) and, under autocast, in bf16 so
-        that no weight is cast on any call."""
+        fp32, 1.4x in bf16 for ResNet-101 inference, measured) and, under autocast, in the
+        autocast type so that no weight is cast on any call."""
         cpu = self.device.type == "cpu"
-        dtype = torch.bfloat16 if self.enabled and cpu else None
+        dtype = self.dtype if self.enabled and cpu else None
         return inference_copy(model, dtype, channels_last or cpu)
 
     def scaler(self) -> torch.amp.GradScaler:
-        return torch.amp.GradScaler(self.device.type, enabled=self.enabled and self.device.type == "cuda")
+        return torch.amp.GradScaler(self.device.type, enabled=self.loss_scaling)
+
+
+def nesterov_sgd(param_groups, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """Fused Nesterov SGD (one pass over all parameters) with its momentum buffers made up front.
+
+    Zero buffers give exactly SGD's first step (buffer = gradient when dampening is 0).  Left to
+    the fused step, they start as ``torch.empty_like`` and a first step that the fp16 loss scaler
+    skips never writes them, so the next step read garbage (NaN on this CPU; torch 2.13's fused
+    SGD, CPU and CUDA alike).
+    """
+    optimizer = torch.optim.SGD(param_groups, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay,
+                                fused=True)
+    if momentum:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return optimizer
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -69,11 +112,9 @@ class Trainer:
         self.method = method
         self.opts = opts
         self.device = device
-        self.precision = Precision(device, opts.amp)
+        self.precision = Precision(device, opts.amp, opts.amp_dtype)
         self.teacher_forward = self._teacher_forward(teacher) if self.run_teacher else teacher
-        self.optimizer = torch.optim.SGD(method.param_groups(unwrap(model), lr), lr=lr,
-                                         momentum=opts.momentum, nesterov=True,
-                                         weight_decay=opts.weight_decay, fused=True)
+        self.optimizer = nesterov_sgd(method.param_groups(unwrap(model), lr), lr, opts.momentum, opts.weight_decay)
         self.scheduler = poly_lr(self.optimizer, epochs * iters_per_epoch, opts.lr_power)
         self.scaler = self.precision.scaler()
         self.logger = logger
@@ -122,28 +163,48 @@ class Trainer:
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         sums: dict[str, torch.Tensor] = {}
-        count = 0
+        count = torch.zeros((), device=self.device)
         check_every = 1 if self.device.type == "cpu" else self.opts.log_interval
         bar = progress(loader) if progress else loader
         for i, batch in enumerate(bar):
             terms = self.train_step(move_batch(batch, self.device, self.opts.channels_last))
+            # Means over the steps that were applied: a step the fp16 scaler skipped has a
+            # non-finite loss and changed nothing (no host sync here).
+            applied = torch.isfinite(terms["loss"])
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0) + v
-            count += 1
+                sums[k] = sums.get(k, 0) + torch.where(applied, v, 0)
+            count += applied
             if (i + 1) % check_every == 0 or i + 1 == len(loader):
                 # One host sync per interval: catch divergence and feed the logs.
-                loss_value = float(terms["loss"])
-                if not math.isfinite(loss_value):
-                    raise NaNLossError(
-                        f"the loss became {loss_value} at epoch {epoch} iteration {i} (global {self.iteration}); "
-                        "the last good checkpoint is kept; lower --lr or check the data")
+                self._check_divergence(float(terms["loss"]), f"at epoch {epoch} iteration {i} "
+                                                             f"(global {self.iteration})")
                 if self.is_main and (i + 1) % self.opts.log_interval == 0:
                     self._log_iteration(terms, bar)
-        means = {k: v / max(count, 1) for k, v in sums.items()}
+        means = {k: v / count for k, v in sums.items()}  # NaN if the scaler skipped every step
         for v in means.values():
             all_reduce_sum(v)
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         return {k: float(v) / world for k, v in means.items()}
+
+    def _check_divergence(self, loss_value: float, where: str) -> None:
+        """Stop a diverged run; let the loss scaler handle fp16 overflow.
+
+        Without loss scaling a non-finite loss has already reached the weights: stop.  Under fp16
+        the scaler skips every step whose gradients are not finite (a non-finite loss gives such
+        gradients), so the weights are untouched and training goes on with a halved scale; only
+        when overflow keeps halving the scale below ``MIN_LOSS_SCALE`` does fp16 no longer fit
+        the run, and it stops there.
+        """
+        if self.scaler.is_enabled():
+            scale = self.scaler.get_scale()
+            if scale < MIN_LOSS_SCALE:
+                raise NaNLossError(
+                    f"fp16 overflowed step after step until {where}: the loss scale fell to {scale:g}; the last good "
+                    "checkpoint is kept; train with --amp_dtype bf16 (or without --amp), or lower --lr")
+            return
+        if not math.isfinite(loss_value):
+            raise NaNLossError(f"the loss became {loss_value} {where}; the last good checkpoint is kept; "
+                               "lower --lr or check the data")
 
     def _log_iteration(self, terms: dict, bar) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
@@ -154,6 +215,8 @@ class Trainer:
             for k, v in values.items():
                 self.logger.scalar(f"train/{k}", v, self.iteration)
             self.logger.scalar("train/lr", lr, self.iteration)
+            if self.scaler.is_enabled():
+                self.logger.scalar("train/loss_scale", self.scaler.get_scale(), self.iteration)
 
     # --- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -18,6 +18,9 @@ What inplace-abn 1.1 computes (``inplace_abn/abn.py``, ``src/inplace_abn_cpu.cpp
 from __future__ import annotations
 
 import copy
+import functools
+import os
+import sys
 from functools import partial
 from typing import Any, Callable, Optional
 
@@ -224,13 +227,55 @@ class BatchNormAct(nn.BatchNorm2d):
         return activate(super().forward(x), self.activation, self.activation_param, inplace=True)
 
 
+INPLACE_ABN_ENV = "CSSBENCH_INPLACE_ABN"
+
+
 def _inplace_abn_package():
-    """The installed ``inplace_abn`` module, or None (it is an optional acceleration)."""
+    """The installed ``inplace_abn`` module, or None (it is an optional acceleration).
+
+    ``CSSBENCH_INPLACE_ABN=0`` keeps the pure-PyTorch layers although it is installed (the test
+    suite does, so that it tests the same code on every machine), ``=1`` requires it.
+    """
+    choice = os.environ.get(INPLACE_ABN_ENV, "")
+    if choice == "0":
+        return None
     try:
         import inplace_abn
     except ImportError:
+        if choice == "1":
+            raise ConfigError(f"{INPLACE_ABN_ENV}=1 asks for inplace-abn, which is not importable; install it "
+                              f"(README, Model) or unset {INPLACE_ABN_ENV}") from None
         return None
     return inplace_abn
+
+
+def kernel_takes(x: Tensor) -> bool:
+    """Whether inplace-abn's compiled kernels take ``x`` with fp32 weights and statistics: fp32
+    anywhere, fp16 only on CUDA (its ``include/dispatch.h``; the CPU kernels need input and
+    weight of one type, and no kernel has bf16)."""
+    return x.dtype == torch.float32 or (x.dtype == torch.float16 and x.is_cuda)
+
+
+class _AutocastSafe:
+    """Mixin for inplace-abn's kernel-backed layers: under autocast, an input the kernels do not
+    take (bf16 anywhere, fp16 on a CPU) is normalised in fp32, with the fp32 weights and
+    statistics the package requires, and handed on in its own type."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if kernel_takes(x):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float()).to(x.dtype)
+
+
+@functools.cache
+def package_layers(package) -> dict[str, type]:
+    """inplace-abn's layers by ``--norm_act`` name, the kernel-backed ones autocast-safe.  ``abn``
+    is the package's plain ``F.batch_norm`` layer, which autocast already serves."""
+    def safe(cls: type) -> type:
+        return type(cls.__name__, (_AutocastSafe, cls), {"__module__": __name__, "__doc__": cls.__doc__})
+
+    return {"abn": package.ABN, "iabn": safe(package.InPlaceABN), "iabn_sync": safe(package.InPlaceABNSync)}
 
 
 def make_norm_act(name: str, group: Optional[Any] = None) -> Callable[[int], nn.Module]:
@@ -247,22 +292,23 @@ def make_norm_act(name: str, group: Optional[Any] = None) -> Callable[[int], nn.
     if name == "bn":
         return partial(BatchNormAct, **act)
     package = _inplace_abn_package()
+    layers = package_layers(package) if package is not None else {}
+    if name == "iabn_sync" and package is not None and group is None:
+        name = "iabn"  # one process: nothing to synchronise, and the package's layer would need a process group
     if name == "iabn_sync":
         # The package reduces statistics across replicas only in its CUDA kernels; CPU (gloo)
         # runs keep the pure layer.
         usable = package is not None and torch.cuda.is_available() and hasattr(package._backend, "reduce_statistics")
-        cls = package.InPlaceABNSync if usable else InPlaceABNSync
+        cls = layers["iabn_sync"] if usable else InPlaceABNSync
         return partial(cls, **act, **({} if group is None else {"group": group}))
-    if name == "iabn":
-        return partial(package.InPlaceABN if package is not None else InPlaceABN, **act)
-    return partial(package.ABN if package is not None else ABN, **act)
+    return partial(layers.get(name, {"iabn": InPlaceABN, "abn": ABN}[name]), **act)
 
 
 def is_norm_layer(module: nn.Module) -> bool:
     """True for every normalisation layer this project can build (any ``--norm_act``)."""
     if isinstance(module, (ABN, nn.modules.batchnorm._BatchNorm)):
         return True
-    package = _inplace_abn_package()
+    package = sys.modules.get("inplace_abn")  # its layers exist only once it is imported
     return package is not None and isinstance(module, package.ABN)
 
 
@@ -272,7 +318,7 @@ def norm_affine(module: nn.Module) -> tuple[Tensor, Tensor]:
     The multiplier of the normalised input is the weight for ABN / BatchNorm and |weight| + eps
     for the in-place variants (ours and inplace-abn's); a norm without affine parameters uses 1, 0.
     """
-    package = _inplace_abn_package()
+    package = sys.modules.get("inplace_abn")
     if isinstance(module, ABN):
         weight = module.scale()
     elif package is not None and isinstance(module, package.InPlaceABN):

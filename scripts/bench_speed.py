@@ -1,8 +1,9 @@
 """Speed benchmark: training step per method, data pipeline, evaluation, PLOP threshold pass.
 
 Measures our code on the configuration of the reference measurements (DeepLabV3-ResNet-101,
-``--norm_act iabn``, output stride 16, batch 2, 2 threads, data loading excluded from the step)
-and prints each figure beside the reference's and the ratio.  Medians after warm-up.
+``--norm_act iabn``, output stride 16, batch 2, 2 threads, data loading excluded from the step).
+Medians after warm-up.  Figures hold for the machine that printed them: compare with another
+implementation only when both ran on that machine in one session.
 
     python scripts/bench_speed.py                      # fp32 and --amp, crops 128 and 256
     python scripts/bench_speed.py --quick              # tiny model, a smoke run in seconds
@@ -33,15 +34,12 @@ from segmentation_module import make_model  # noqa: E402
 from train import Precision, Trainer, evaluate, move_batch  # noqa: E402
 from utils.malloc import keep_freed_memory  # noqa: E402
 
-# Reference figures (PLOP's code, the MiB lineage) on a 2-core AVX-512 machine, torch 2.13 CPU, fp32.
-REFERENCE = {
-    ("train_step_s", "FT", 128): 0.37, ("train_step_s", "FT", 256): 0.935,
-    ("train_step_s", "MiB", 128): 0.44, ("train_step_s", "MiB", 256): 1.175,
-    ("train_step_s", "PLOP", 128): 0.45, ("train_step_s", "PLOP", 256): 1.245,
-    ("pipeline_img_s", "1 process", 128): 528, ("pipeline_img_s", "1 process", 256): 153,
-    ("eval_img_s", "batch 4", 256): 10.4,
-    ("plop_thresholds_s", "37 images", 128): 1.3, ("plop_thresholds_s", "37 images", 256): 3.9,
-}
+CPU = torch.device("cpu")
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a timing covers it (nothing to wait for on a CPU)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def median_time(fn, iters: int, warmup: int) -> float:
@@ -49,17 +47,20 @@ def median_time(fn, iters: int, warmup: int) -> float:
         fn()
     times = []
     for _ in range(iters):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def options(args, method: str, amp: bool):
+def options(args, method: str, amp: bool, amp_dtype: str | None = None):
     argv = ["--dataset", "shapes", "--task", "15-1", "--method", method, "--backbone", args.backbone,
             "--norm_act", args.norm_act, "--width", str(args.width), "--no_pretrained",
-            "--batch_size", str(args.batch_size)]
-    return parse_args(argv + (["--amp"] if amp else []) + (["--channels_last"] if args.channels_last else []))
+            "--batch_size", str(args.batch_size), "--output_stride", str(args.output_stride)]
+    argv += (["--amp"] if amp else []) + (["--amp_dtype", amp_dtype] if amp and amp_dtype else [])
+    return parse_args(argv + (["--channels_last"] if args.channels_last else []))
 
 
 def synthetic_batch(batch: int, crop: int, n_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,15 +72,15 @@ def synthetic_batch(batch: int, crop: int, n_classes: int, seed: int = 0) -> tup
     return torch.randint(0, 256, (batch, 3, crop, crop), generator=g, dtype=torch.uint8), labels
 
 
-def previous_state(opts, model, task0: Task, loader) -> dict:
+def previous_state(opts, model, task0: Task, loader, device: torch.device = CPU) -> dict:
     """What the method's step 0 would leave in its checkpoint (prototypes, statistics), so that
     stateful methods (REMINDER, SDR, EWC) can run their step 1 here."""
     step0 = opts.method_cls(opts, task0)
     step0.load_state_dict(None)
-    ctx = StepContext(model=model, teacher=None, train_loader=loader, device=torch.device("cpu"), task=task0,
-                      opts=opts, autocast=Precision(torch.device("cpu"), opts.amp).autocast, log=lambda *_: None)
+    ctx = StepContext(model=model, teacher=None, train_loader=loader, device=device, task=task0,
+                      opts=opts, autocast=Precision(device, opts.amp, opts.amp_dtype).autocast, log=lambda *_: None)
     step0.before_step(ctx)
-    batch = move_batch(loader[0], torch.device("cpu"), opts.channels_last)
+    batch = move_batch(loader[0], device, opts.channels_last)
     images, labels = batch["image"], batch["label"]
     labels = labels.masked_fill((labels >= task0.n_seen) & (labels != 255), 0)  # step-0 masking
     with torch.no_grad():  # one step-0 loss call: methods that gather state in loss() (SDR) do so
@@ -88,13 +89,13 @@ def previous_state(opts, model, task0: Task, loader) -> dict:
     return step0.state_dict()
 
 
-def build_step(args, method: str, crop: int, amp: bool):
+def build_step(args, method: str, crop: int, amp: bool, device: torch.device = CPU, amp_dtype: str | None = None):
     """Student and teacher of 15-1 step 1 (the incremental case the methods differ on)."""
-    opts = options(args, method, amp)
+    opts = options(args, method, amp, amp_dtype)
     task = Task("shapes", "15-1", 1)
     torch.manual_seed(0)
-    teacher = make_model(opts, task.at(0).classes_per_step).eval().requires_grad_(False)
-    model = make_model(opts, task.classes_per_step)
+    teacher = make_model(opts, task.at(0).classes_per_step).to(device).eval().requires_grad_(False)
+    model = make_model(opts, task.classes_per_step).to(device)
     model.load_state_dict(teacher.state_dict(), strict=False)
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -102,25 +103,31 @@ def build_step(args, method: str, crop: int, amp: bool):
     batch = synthetic_batch(args.batch_size, crop, task.n_seen)
     loader = [batch]
     method_obj = opts.method_cls(opts, task)
-    method_obj.load_state_dict(previous_state(opts, teacher, task.at(0), loader))
+    method_obj.load_state_dict(previous_state(opts, teacher, task.at(0), loader, device))
     method_obj.init_new_classifier(model)
-    trainer = Trainer(model, teacher, method_obj, opts, torch.device("cpu"), lr=0.001, iters_per_epoch=1000, epochs=1)
+    trainer = Trainer(model, teacher, method_obj, opts, device, lr=0.001, iters_per_epoch=1000, epochs=1)
     ctx = trainer.context(loader, task, log=lambda *_: None)
     method_obj.before_step(ctx)
     return opts, model, trainer, batch, ctx
 
 
-def bench_train(args, method: str, crop: int, amp: bool) -> dict:
-    opts, model, trainer, batch, _ = build_step(args, method, crop, amp)
+def bench_train(args, method: str, crop: int, amp: bool, device: torch.device = CPU,
+                amp_dtype: str | None = None, count_flops: bool = False) -> dict:
+    opts, model, trainer, batch, _ = build_step(args, method, crop, amp, device, amp_dtype)
     model.train()
-    cpu = torch.device("cpu")
     # the step includes moving the loader's batch in (normalising the uint8 images), as in training
-    step = median_time(lambda: trainer.train_step(move_batch(batch, cpu, opts.channels_last)), args.iters,
+    step = median_time(lambda: trainer.train_step(move_batch(batch, device, opts.channels_last)), args.iters,
                        args.warmup)
-    batch = move_batch(batch, cpu, opts.channels_last)
     result = {"train_step_s": step, "train_img_s": args.batch_size / step}
+    if count_flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:  # student forward + backward, teacher forward
+            trainer.train_step(move_batch(batch, device, opts.channels_last))
+        result["step_flop"] = counter.get_total_flops()
+    batch = move_batch(batch, device, opts.channels_last)
     if method == "FT":
-        precision = Precision(torch.device("cpu"), amp)
+        precision = Precision(device, amp, amp_dtype)
 
         def forward_backward():
             with precision.autocast():
@@ -140,22 +147,23 @@ def bench_plop_thresholds(args, crop: int, amp: bool) -> float:
     return median_time(lambda: trainer.method.before_step(ctx), max(1, args.iters // 3), 1)
 
 
-def bench_eval(args, method: str, crop: int, amp: bool) -> float:
+def bench_eval(args, method: str, crop: int, amp: bool, device: torch.device = CPU, amp_dtype: str | None = None,
+               batch_size: int = 4) -> float:
     """Evaluation images/s with the method's own head and prediction rule (DKD differs)."""
-    opts = options(args, method, amp)
+    opts = options(args, method, amp, amp_dtype)
     task = Task("shapes", "15-1", 1)
     predict = opts.method_cls(opts, task).predict
-    model = make_model(opts, task.classes_per_step)
+    model = make_model(opts, task.classes_per_step).to(device)
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    batch = synthetic_batch(4, crop, task.n_seen)
+    batch = synthetic_batch(batch_size, crop, task.n_seen)
     # 10 batches per call: evaluate() prepares its inference copy (folded norms) once per call,
     # which a real validation set (1449 VOC images) amortises; 40 images come close to that.
     loader = [batch] * 10
-    precision = Precision(torch.device("cpu"), amp)
-    t = median_time(lambda: evaluate(model, loader, task.n_seen, predict, torch.device("cpu"),
-                                     precision, opts.channels_last), max(1, args.iters // 3), 1)
-    return 4 * len(loader) / t
+    precision = Precision(device, amp, amp_dtype)
+    t = median_time(lambda: evaluate(model, loader, task.n_seen, predict, device, precision, opts.channels_last),
+                    max(1, args.iters // 3), 1)
+    return batch_size * len(loader) / t
 
 
 def voc_folder(n_images: int) -> Path:
@@ -242,18 +250,12 @@ def peak_memory_mb() -> dict:
     return peak
 
 
-def fmt_ratio(ours: float, ref: float | None, lower_is_better: bool) -> str:
-    if ref is None:
-        return ""
-    ratio = ref / ours if lower_is_better else ours / ref
-    return f"{ratio:5.2f}x"
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="resnet101")
     p.add_argument("--norm_act", default="iabn")
     p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--output_stride", type=int, choices=[8, 16], default=16)
     p.add_argument("--batch_size", type=int, default=2)
     p.add_argument("--crops", type=int, nargs="+", default=[128, 256])
     p.add_argument("--methods", nargs="+", default=["FT", "MiB", "PLOP"])
@@ -275,16 +277,11 @@ def main(argv=None):
     keep_freed_memory()  # as run.py does
     rows = []
 
-    def report(kind, what, crop, precision, value, unit, lower_is_better, extra=None):
-        # The reference was measured in fp32 on ResNet-101; --amp rows are compared with it too.
-        full_size = args.backbone == "resnet101" and args.width == 1
-        ref = REFERENCE.get((kind, what, crop)) if full_size or kind == "pipeline_img_s" else None
+    def report(kind, what, crop, precision, value, unit, extra=None):
         row = {"kind": kind, "what": what, "crop": crop, "precision": precision, "value": value, "unit": unit,
-               "reference": ref, **(extra or {})}
+               **(extra or {})}
         rows.append(row)
-        ratio = fmt_ratio(value, ref, lower_is_better)
-        ref_text = f"{ref:8.3g}" if ref is not None else "       -"
-        print(f"{kind:18s} {what:10s} {crop:5d} {precision:5s} {value:9.3f} {unit:6s} ref {ref_text}  {ratio}"
+        print(f"{kind:18s} {what:10s} {crop:5d} {precision:5s} {value:9.3f} {unit:6s}"
               + (f"  {json.dumps(extra)}" if extra else ""), flush=True)
 
     print(f"torch {torch.__version__}, {args.threads} threads, {args.backbone} x{args.width} {args.norm_act}, "
@@ -303,15 +300,15 @@ def main(argv=None):
                         extra["x_FT"] = round(r["train_step_s"] / ft_step, 2)
                     if "outside_model_share" in r:
                         extra["outside_fwd_bwd"] = round(r["outside_model_share"], 3)
-                    report("train_step_s", method, crop, precision, r["train_step_s"], "s", True, extra)
+                    report("train_step_s", method, crop, precision, r["train_step_s"], "s", extra)
             if "thresholds" not in args.skip:
                 report("plop_thresholds_s", "37 images", crop, precision, bench_plop_thresholds(args, crop, amp),
-                       "s", True)
+                       "s")
             if "eval" not in args.skip:
                 for method in args.methods:
                     reset_peak_memory()
                     report("eval_img_s", "batch 4" if method == "FT" else method, crop, precision,
-                           bench_eval(args, method, crop, amp), "img/s", False, peak_memory_mb())
+                           bench_eval(args, method, crop, amp), "img/s", peak_memory_mb())
     if "pipeline" not in args.skip:
         root = voc_folder(args.pipeline_images)
         try:
@@ -319,7 +316,7 @@ def main(argv=None):
                 for workers in (0, 1, 2):
                     what = {0: "1 process", 1: "1 worker"}.get(workers, f"{workers} workers")
                     report("pipeline_img_s", what, crop, "-", bench_pipeline(crop, root, workers, args.pipeline_passes),
-                           "img/s", False)
+                           "img/s")
         finally:
             shutil.rmtree(root, ignore_errors=True)
     print(f"peak RSS {peak_rss_mb():.0f} MB")

@@ -21,7 +21,7 @@ TINY = ["--dataset", "shapes", *MODEL]
 
 
 def cli(*args, cwd=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=600)
 
@@ -69,7 +69,7 @@ def test_run_writes_checkpoints_results_and_logs(trained):
 def test_pod_gap_script_reports_both_steps_images_and_changes_nothing(trained):
     logdir, run_dir, _ = trained
     before = snapshot(run_dir)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "pod_gap.py"), *TINY, "--task", "15-1",
                            "--overlap", "--step", "1", "--name", "ft", "--logdir", str(logdir),
                            "--spp_scales", "1", "2", "--batch_sizes", "2", "4", "--batches", "2"],

@@ -327,3 +327,46 @@ def test_amp_logits_are_fp32_and_match_an_fp32_classifier(head):
         with torch.no_grad():  # the same classifier on the same bf16 features, in fp32
             expected = net.classifier_forward(net.cls, out["pre_logits"].float())["logits_small"]
         torch.testing.assert_close(out["logits_small"], expected)
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_model_on_inplace_abn_package_matches_the_pure_layers(inplace_abn, monkeypatch):
+    """The same weights in the compiled in-place layers and in ours.  In fp32 the training forward,
+    gradients and running statistics agree; under bf16 / fp16 autocast both stay as close to that
+    fp32 result as each other (the package's layers compute in fp32, ours in the autocast type
+    with fp32 accumulation); the folded inference copies agree too."""
+    from train import Precision
+
+    torch.manual_seed(0)
+    package = make_model(_opts(norm_act="iabn"), [16, 1])
+    assert sum(isinstance(m, inplace_abn.InPlaceABN) for m in package.modules()) > 10
+    monkeypatch.setenv("CSSBENCH_INPLACE_ABN", "0")
+    pure = make_model(_opts(norm_act="iabn"), [16, 1])
+    assert not any(isinstance(m, inplace_abn.ABN) for m in pure.modules())
+    pure.load_state_dict(package.state_dict())
+    x = torch.randn(4, 3, 96, 96)  # batch statistics over enough values to be well conditioned
+    labels = torch.randint(0, 17, (4, 96, 96))
+
+    def train_pass(net, amp):
+        net = copy.deepcopy(net)
+        with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+            out = net(x)
+        F.cross_entropy(out["logits"], labels).backward()
+        params, buffers = dict(net.named_parameters()), dict(net.named_buffers())
+        return [out["logits"].detach(), params["body.mod1.conv1.weight"].grad, params["cls.0.weight"].grad,
+                buffers["body.mod2.block1.convs.bn1.running_var"], buffers["head.red_bn.running_var"]]
+
+    fp32 = train_pass(pure, None)
+    for got, expected, tolerance in zip(train_pass(package, None), fp32, [1e-4, 1e-2, 1e-4, 1e-5, 1e-5]):
+        assert _relative_error(got, expected) < tolerance
+    for amp in (torch.bfloat16, torch.float16):
+        errors = {name: [_relative_error(a, b) for a, b in zip(train_pass(net, amp), fp32)]
+                  for name, net in (("package", package), ("pure", pure))}
+        assert all(p < 1.5 * q + 1e-3 for p, q in zip(errors["package"], errors["pure"])), errors
+        precision = Precision(torch.device("cpu"), True, {torch.float16: "fp16"}.get(amp, "bf16"))
+        with torch.no_grad(), precision.autocast():
+            folded = [precision.inference_copy(net)(x)["logits"] for net in (package, pure)]
+        assert _relative_error(folded[0], folded[1]) < 0.02

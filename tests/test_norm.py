@@ -18,6 +18,7 @@ from modules.norm import (
     freeze_norm_layers,
     make_norm_act,
 )
+from utils.errors import ConfigError
 
 PURE = [ABN, InPlaceABN, InPlaceABNSync]
 KEYS = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
@@ -217,3 +218,83 @@ def test_sync_two_gloo_processes_equal_one_process_on_all_samples(tmp_path):
     for r in ranks:
         torch.testing.assert_close(r["mean"], expected["mean"])
         torch.testing.assert_close(r["var"], expected["var"])
+
+
+# --- inplace-abn's compiled layers (the `inplace_abn` fixture: skipped where it is not installed) ---
+def test_environment_chooses_the_implementation(monkeypatch):
+    """CSSBENCH_INPLACE_ABN=0 keeps the pure layers; =1 requires the package (one-line error)."""
+    monkeypatch.setenv("CSSBENCH_INPLACE_ABN", "0")
+    assert type(make_norm_act("iabn")(2)) is InPlaceABN and type(make_norm_act("abn")(2)) is ABN
+    monkeypatch.setenv("CSSBENCH_INPLACE_ABN", "1")
+    monkeypatch.setitem(__import__("sys").modules, "inplace_abn", None)  # as if not installed
+    with pytest.raises(ConfigError, match="CSSBENCH_INPLACE_ABN=1 asks for inplace-abn"):
+        make_norm_act("iabn")
+
+
+def _pure_and_package(inplace_abn, name: str, c: int):
+    layer = make_norm_act(name)(c)
+    assert isinstance(layer, {"iabn": inplace_abn.InPlaceABN, "abn": inplace_abn.ABN}[name])
+    pure = {"iabn": InPlaceABN, "abn": ABN}[name](c)
+    w, b = _weights(c)
+    _set(layer, w, b)
+    _set(pure, w, b)
+    return layer, pure
+
+
+def _forward_backward(layer, x, grad_out, autocast_dtype=None):
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        y = layer(x.clone())  # the in-place layer overwrites its input, which must not be a leaf
+    (y.float() * grad_out.float()).sum().backward()
+    return y, x.grad, layer.weight.grad, layer.bias.grad
+
+
+@pytest.mark.parametrize("name", ["iabn", "abn"])
+def test_inplace_abn_package_computes_what_the_pure_layers_do(inplace_abn, name):
+    """fp32, training and eval mode: the compiled layer and ours agree (the basis of swapping them)."""
+    c = 4
+    layer, pure = _pure_and_package(inplace_abn, name, c)
+    x = torch.randn(3, c, 5, 6) * 2 + 0.7
+    grad_out = torch.randn_like(x)
+    for got, expected in zip(_forward_backward(layer, x, grad_out), _forward_backward(pure, x, grad_out)):
+        torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(layer.running_mean, pure.running_mean)
+    torch.testing.assert_close(layer.running_var, pure.running_var)
+    layer.eval()
+    pure.eval()
+    torch.testing.assert_close(layer(x.clone()), pure(x))
+
+
+def test_single_process_iabn_sync_on_the_package_needs_no_process_group(inplace_abn):
+    """Without a process group (one process) iabn_sync is the package's InPlaceABN: its sync layer
+    would ask torch.distributed for the world size of a group that does not exist."""
+    layer = make_norm_act("iabn_sync")(3)
+    assert isinstance(layer, inplace_abn.InPlaceABN)
+    layer(torch.randn(2, 3, 4, 4) + 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["iabn", "abn"])
+def test_inplace_abn_package_runs_under_cpu_autocast(inplace_abn, name, dtype):
+    """A bf16 / fp16 input, as a convolution under autocast hands it on: the compiled CPU kernel
+    takes neither with fp32 weights, so the layer normalises in fp32 and returns the input's type.
+    Reference: the pure fp32 layer on the same (rounded) input."""
+    c = 4
+    layer, pure = _pure_and_package(inplace_abn, name, c)
+    x = (torch.randn(3, c, 5, 6) * 2 + 0.7).to(dtype)
+    grad_out = torch.randn(x.shape).to(dtype)
+    y, dx, dw, db = _forward_backward(layer, x, grad_out, dtype)
+    y_ref, dx_ref, dw_ref, db_ref = _forward_backward(pure, x.float(), grad_out.float())
+    assert y.dtype == dtype and dx.dtype == dtype
+    assert layer.weight.dtype == layer.running_mean.dtype == torch.float32
+    # iabn computes in fp32 (results rounded once); abn is plain F.batch_norm in the input's type
+    tol, grad_tol = ({}, dict(rtol=1e-4, atol=1e-4)) if name == "iabn" else (dict(atol=1e-3, rtol=1e-2),
+                                                                            dict(atol=1e-2, rtol=2e-2))
+    torch.testing.assert_close(y, y_ref.to(dtype), **tol)
+    torch.testing.assert_close(dx, dx_ref.to(dtype), **tol)
+    torch.testing.assert_close(dw, dw_ref, **grad_tol)
+    torch.testing.assert_close(db, db_ref, **grad_tol)
+    torch.testing.assert_close(layer.running_var, pure.running_var)
+    layer.eval()
+    with torch.autocast("cpu", dtype=dtype):
+        torch.testing.assert_close(layer(x.clone()), pure.eval()(x.float()).to(dtype))
