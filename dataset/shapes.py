@@ -23,6 +23,7 @@ image (the class-presence index of a split is cheap).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -185,17 +186,22 @@ class ShapesSplit:
     def __len__(self) -> int:
         return self.num_images
 
+    @property
+    def _generator(self):
+        """The module of the generator this split belongs to (generator 1 subclasses it)."""
+        return sys.modules[type(self).__module__]
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(H, W, 3) uint8 image and (H, W) uint8 label of one sample, generated now."""
-        return generate_sample(self.seed, self.split, index, self.image_size)
+        return self._generator.generate_sample(self.seed, self.split, index, self.image_size)
 
     def label_array(self, index: int) -> np.ndarray:
-        return generate_label(self.seed, self.split, index, self.image_size)
+        return self._generator.generate_label(self.seed, self.split, index, self.image_size)
 
     def label_reader(self) -> tuple[Callable[[int], np.ndarray], range]:
         return self.label_array, range(self.num_images)
 
     def cache_key(self) -> str:
         parts = {"split": self.split, "n": self.num_images, "size": self.image_size,
-                 "seed": self.seed, "version": GENERATOR_VERSION}
+                 "seed": self.seed, "version": self._generator.GENERATOR_VERSION}
         return f"shapes-{self.split}-{cache_key_of(parts)}"

@@ -1,4 +1,4 @@
-"""A synthetic, VOC-like segmentation set, generated on the fly (``--dataset shapes``).
+"""Generator 1 of the synthetic set (the default, `--shapes_version 1`), generated on the fly.
 
 Why: continual-learning effects (forgetting, what distillation keeps) become visible on a CPU
 in minutes.  The set mirrors VOC where it matters for the protocol: 20 foreground classes, 1-4
@@ -17,14 +17,17 @@ without the image (the class-presence index of a split is cheap).
 """
 from __future__ import annotations
 
-import colorsys
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable
 
 import numpy as np
 
-from .presence import cache_key_of
+from . import shapes
+from .shapes import _boundary
+from .shapes_draw import direction as _direction
+from .shapes_draw import hsv as _hsv
+from .shapes_draw import shape_mask as _shape_mask
+from .shapes_draw import smooth_noise as _smooth_noise
+from .shapes_draw import unit_coords as _unit_coords
 
 GENERATOR_VERSION = 1  # bump when the output changes: it keys the presence cache
 SPLITS = {"train": 0, "val": 1}
@@ -105,69 +108,8 @@ def _layout(rng: np.random.Generator, size: int) -> list[_Object]:
     return sorted(objects, key=lambda o: -o.radius)
 
 
-@lru_cache(maxsize=8)
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates (y, x) of a size x size image."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    y.flags.writeable = x.flags.writeable = False
-    return y, x
-
-
-def _unit_coords(obj: _Object, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates in the object's frame: radius 1, u to the right, v up."""
-    y, x = _grid(size)
-    dx, dy = (x - obj.cx) / obj.radius, (obj.cy - y) / obj.radius
-    c, s = np.cos(obj.angle), np.sin(obj.angle)
-    return c * dx + s * dy, -s * dx + c * dy
-
-
-def _triangle(u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
-    """Upward equilateral triangle with circumradius r, centred on its centroid."""
-    root3 = np.sqrt(3.0)
-    return (v >= -r / 2) & (root3 * u + v <= r) & (-root3 * u + v <= r)
-
-
-def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    d2 = u * u + v * v
-    box = np.maximum(np.abs(u), np.abs(v))
-    if shape == "disc":
-        return d2 <= 1.0
-    if shape == "square":
-        return box <= 0.82
-    if shape == "triangle":
-        return _triangle(u, v, 1.15)
-    if shape == "diamond":
-        return np.abs(u) / 0.75 + np.abs(v) <= 1.05
-    if shape == "cross":
-        return ((np.abs(u) <= 0.3) & (np.abs(v) <= 1.0)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 1.0))
-    if shape == "ring":
-        return (d2 <= 1.0) & (d2 >= 0.5**2)
-    if shape == "frame":
-        return (box <= 0.85) & (box >= 0.42)
-    if shape == "star":
-        return _triangle(u, v, 1.05) | _triangle(u, -v, 1.05)
-    if shape == "hexagon":
-        r, root3 = 0.95, np.sqrt(3.0)
-        return (np.abs(v) <= r * root3 / 2) & (root3 * np.abs(u) + np.abs(v) <= r * root3)
-    if shape == "ellipse":
-        return (u / 1.1) ** 2 + (v / 0.55) ** 2 <= 1.0
-    raise ValueError(f"unknown shape {shape!r}")
-
-
 def _masks(objects: list[_Object], size: int) -> list[np.ndarray]:
     return [_shape_mask(CLASSES[o.cls - 1].shape, *_unit_coords(o, size)) for o in objects]
-
-
-def _boundary(label: np.ndarray) -> np.ndarray:
-    """Pixels with a 4-neighbour of another label: a 2-pixel band across every edge."""
-    edge = np.zeros(label.shape, dtype=bool)
-    dx = label[:, 1:] != label[:, :-1]
-    dy = label[1:, :] != label[:-1, :]
-    edge[:, 1:] |= dx
-    edge[:, :-1] |= dx
-    edge[1:, :] |= dy
-    edge[:-1, :] |= dy
-    return edge
 
 
 def _render_label(objects: list[_Object], masks: list[np.ndarray], size: int) -> np.ndarray:
@@ -176,10 +118,6 @@ def _render_label(objects: list[_Object], masks: list[np.ndarray], size: int) ->
         label[mask] = obj.cls
     label[_boundary(label)] = IGNORE_LABEL
     return label
-
-
-def _hsv(h_deg: float, s: float, v: float) -> np.ndarray:
-    return np.array(colorsys.hsv_to_rgb((h_deg % 360.0) / 360.0, s, v), dtype=np.float32) * 255.0
 
 
 def _object_colour(rng: np.random.Generator, colour: str) -> np.ndarray:
@@ -202,25 +140,6 @@ def _stripe_colour(rng: np.random.Generator, colour: str, base: np.ndarray) -> n
 def _muted_colour(rng: np.random.Generator) -> np.ndarray:
     """Background tones: low saturation, mid brightness, far from every object colour."""
     return _hsv(rng.uniform(0, 360), rng.uniform(0.0, 0.18), rng.uniform(0.32, 0.62))
-
-
-def _direction(
-    rng: np.random.Generator, size: int, cx: float = 0.0, cy: float = 0.0
-) -> np.ndarray:
-    """Signed distance in pixels from (cx, cy) along a random direction, at every pixel."""
-    y, x = _grid(size)
-    phi = rng.uniform(0, 2 * np.pi)
-    return (x - cx) * np.cos(phi) + (y - cy) * np.sin(phi)
-
-
-def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """Bilinear upsampling of a cells x cells random grid to size x size, values in [0, 1]."""
-    grid = rng.random((cells + 1, cells + 1)).astype(np.float32)
-    pos = (np.arange(size, dtype=np.float32) + 0.5) * cells / size
-    i = np.minimum(pos.astype(np.int64), cells - 1)
-    f = pos - i
-    rows = grid[i] * (1 - f)[:, None] + grid[i + 1] * f[:, None]          # (size, cells+1)
-    return rows[:, i] * (1 - f)[None, :] + rows[:, i + 1] * f[None, :]    # (size, size)
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -272,34 +191,5 @@ def generate_label(seed: int, split: str, index: int, size: int = 64) -> np.ndar
     return _render_label(objects, _masks(objects, size), size)
 
 
-@dataclass(frozen=True)
-class ShapesSplit:
-    """A split of the synthetic set, indexable like ``voc.FileSplit``, with nothing on disk."""
-
-    split: str
-    num_images: int
-    image_size: int = 64
-    seed: int = 0
-    dataset: str = "shapes"
-
-    def __post_init__(self) -> None:
-        if self.split not in SPLITS:
-            raise ValueError(f"unknown shapes split {self.split!r}; choose one of {list(SPLITS)}")
-
-    def __len__(self) -> int:
-        return self.num_images
-
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """(H, W, 3) uint8 image and (H, W) uint8 label of one sample, generated now."""
-        return generate_sample(self.seed, self.split, index, self.image_size)
-
-    def label_array(self, index: int) -> np.ndarray:
-        return generate_label(self.seed, self.split, index, self.image_size)
-
-    def label_reader(self) -> tuple[Callable[[int], np.ndarray], range]:
-        return self.label_array, range(self.num_images)
-
-    def cache_key(self) -> str:
-        parts = {"split": self.split, "n": self.num_images, "size": self.image_size,
-                 "seed": self.seed, "version": GENERATOR_VERSION}
-        return f"shapes-{self.split}-{cache_key_of(parts)}"
+class ShapesSplit(shapes.ShapesSplit):
+    """A split of generator 1, indexable like ``voc.FileSplit``, with nothing on disk."""
