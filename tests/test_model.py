@@ -111,7 +111,10 @@ def test_unknown_backbone_and_output_stride():
     with pytest.raises(ModelConfigError, match="unknown --backbone 'resnet99'"):
         build_backbone("resnet99", make_norm_act("bn"), 16, 1.0)
     with pytest.raises(ModelConfigError, match="--output_stride 16 or 8"):
-        build_backbone("resnet18", make_norm_act("bn"), 32, 1.0)
+        build_backbone("resnet18", make_norm_act("bn"), 4, 1.0)
+    # 32, the undilated layout backbones are pretrained in (scripts/pretrain_shapes.py)
+    features, _ = build_backbone("resnet18", make_norm_act("bn"), 32, 0.25)(torch.zeros(1, 3, 64, 64))
+    assert features.shape[-2:] == (2, 2)
 
 
 def test_stages_are_taken_before_the_activation():
