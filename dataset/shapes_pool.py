@@ -16,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .shapes_draw import COLOURS, SHAPES, TEXTURES, Appearance, Placed, background, finish, paint, shape_mask, \
-    unit_coords
+from .shapes_draw import (COLOURS, SHAPES, TEXTURES, Appearance, Placed, background, finish, paint, shape_mask,
+                          unit_coords)
 
 POOL_SEED = 1000  # the pool's colour sets and examples use streams apart from the benchmark's
 

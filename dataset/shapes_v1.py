@@ -61,15 +61,9 @@ CLASSES = _make_classes()  # CLASSES[k - 1] is class k
 CLASS_NAMES = ["background"] + [c.name for c in CLASSES]
 NUM_FOREGROUND = len(CLASSES)
 
-# Co-occurring pairs (a perfect matching, so that every class stays equally frequent).  Several
-# pairs straddle the 15/16 and 10/11 task boundaries, so overlap and disjoint protocols differ.
-PAIRS = ((1, 6), (2, 14), (3, 17), (4, 19), (5, 9), (7, 16), (8, 12), (10, 18), (11, 20), (13, 15))
-PARTNER = np.zeros(NUM_FOREGROUND + 1, dtype=np.int64)
-for _a, _b in PAIRS:
-    PARTNER[_a], PARTNER[_b] = _b, _a
-
-_NUM_OBJECTS_P = (0.35, 0.35, 0.2, 0.1)  # 1, 2, 3 or 4 objects
-_PARTNER_P = 0.5
+# Co-occurring pairs and objects per image: the same as generator 2's.
+PAIRS, PARTNER = shapes.PAIRS, shapes.PARTNER
+_NUM_OBJECTS_P, _PARTNER_P = shapes._NUM_OBJECTS_P, shapes._PARTNER_P
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,17 @@
 """The speed benchmark runs end to end (tiny model) and writes the figures it promises."""
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from scripts_loader import load_script
+
 
 
 def test_quick_benchmark_writes_every_row(tmp_path, monkeypatch):
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the pipeline's VOC folder goes
-    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "scripts" / "bench_speed.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("scripts/bench_speed.py")
     out = tmp_path / "speed.json"
     bench.main(["--quick", "--methods", "FT", "PLOP", "--precision", "fp32", "--iters", "1", "--warmup", "0",
                 "--pipeline_images", "4", "--json", str(out)])
@@ -35,9 +33,7 @@ def test_pipeline_folder_holds_the_real_voc_jpeg_and_a_readable_label(request):
 
     from dataset.voc import read_image, read_label_array, voc_split
 
-    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "scripts" / "bench_speed.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("scripts/bench_speed.py")
     root = bench.voc_folder(2)
     request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
     split = voc_split(root, "train")

@@ -1,21 +1,17 @@
 """scripts/gpu_check.py: its --device cpu mode end to end, the projection's arithmetic, the peak table."""
-import importlib.util
 import json
 import math
 import tempfile
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from scripts_loader import load_script
+
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/gpu_check.py")
 
 
 def test_cpu_mode_runs_every_check_and_writes_consistent_figures(gpu_check, tmp_path, monkeypatch, capsys):

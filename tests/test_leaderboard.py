@@ -2,7 +2,6 @@
 method put on the leaderboard from a copy of the repository, as a user would."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -11,14 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from scripts_loader import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _leaderboard():
-    spec = importlib.util.spec_from_file_location("leaderboard", ROOT / "scripts" / "leaderboard.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/leaderboard.py")
 
 
 def test_spearman_by_hand():

@@ -1,15 +1,12 @@
 """scripts/pod_gap.py: the batch-norm part of POD's starting distance, against hand values."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("pod_gap", ROOT / "scripts" / "pod_gap.py")
-pod_gap = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(pod_gap)
+from scripts_loader import load_script
+
+pod_gap = load_script("scripts/pod_gap.py")
 
 
 class ModeScaled(nn.Module):

@@ -2,7 +2,6 @@
 loads by default, and that file is the one shipped in pretrained/."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,8 @@ import torch
 from argparser import parse_args
 from segmentation_module import PretrainedWeightsError, make_model, pretrained_path, read_pretrained
 
+from scripts_loader import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 # generator 2's command in the README: the demo's network, pool-pretrained
 GENERATOR2 = ["--shapes_version", "2", "--backbone", "resnet18", "--width", "0.25", "--output_stride", "8",
@@ -18,10 +19,7 @@ GENERATOR2 = ["--shapes_version", "2", "--backbone", "resnet18", "--width", "0.2
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("pretrain_shapes", ROOT / "scripts" / "pretrain_shapes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/pretrain_shapes.py")
 
 
 def test_pretraining_is_deterministic_and_learns():

@@ -3,8 +3,6 @@ boundaries, and the on-disk copy written by data/make_shapes.py read back throug
 Generator 2's VOC properties are tested in test_shapes_v2.py."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +11,8 @@ from dataset.presence import compute_presence
 from dataset import shapes, shapes_v1
 from dataset.voc import voc_split
 
-REPO = Path(__file__).resolve().parents[1]
+from scripts_loader import load_script
+
 GENERATORS = {1: shapes_v1, 2: shapes}
 
 
@@ -23,10 +22,7 @@ def version(request):
 
 
 def _load_make_shapes():
-    spec = importlib.util.spec_from_file_location("make_shapes", REPO / "data" / "make_shapes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("data/make_shapes.py")
 
 
 def test_same_seed_same_arrays_and_other_index_or_seed_differs(version):
