@@ -106,7 +106,9 @@ def _place(rng: np.random.Generator, look: Appearance, size: int, radius: tuple[
                   radius=float(rng.uniform(*radius) * size), angle=float(rng.uniform(-0.26, 0.26)))
 
 
-def _layout(rng: np.random.Generator, size: int) -> _Layout:
+def draw_classes(rng: np.random.Generator) -> list[int]:
+    """The classes of one image: 1-4 objects, each after the first its predecessor's partner half
+    the time (both generators)."""
     count = 1 + int(rng.choice(len(_NUM_OBJECTS_P), p=_NUM_OBJECTS_P))
     classes = [int(rng.integers(1, NUM_FOREGROUND + 1))]
     for _ in range(count - 1):
@@ -114,6 +116,11 @@ def _layout(rng: np.random.Generator, size: int) -> _Layout:
             classes.append(int(PARTNER[classes[int(rng.integers(len(classes)))]]))
         else:
             classes.append(int(rng.integers(1, NUM_FOREGROUND + 1)))
+    return classes
+
+
+def _layout(rng: np.random.Generator, size: int) -> _Layout:
+    classes = draw_classes(rng)
     objects = [(c, _place(rng, CLASSES[c - 1], size, (0.16, 0.3))) for c in classes]
     # Large objects first, so that small ones are drawn on top and stay visible.
     objects.sort(key=lambda o: -o[1].radius)

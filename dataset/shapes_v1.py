@@ -61,9 +61,8 @@ CLASSES = _make_classes()  # CLASSES[k - 1] is class k
 CLASS_NAMES = ["background"] + [c.name for c in CLASSES]
 NUM_FOREGROUND = len(CLASSES)
 
-# Co-occurring pairs and objects per image: the same as generator 2's.
+# Co-occurring pairs and objects per image: the same as generator 2's (shapes.draw_classes).
 PAIRS, PARTNER = shapes.PAIRS, shapes.PARTNER
-_NUM_OBJECTS_P, _PARTNER_P = shapes._NUM_OBJECTS_P, shapes._PARTNER_P
 
 
 @dataclass(frozen=True)
@@ -81,13 +80,7 @@ def _rngs(seed: int, split: str, index: int) -> tuple[np.random.Generator, np.ra
 
 
 def _layout(rng: np.random.Generator, size: int) -> list[_Object]:
-    count = 1 + int(rng.choice(len(_NUM_OBJECTS_P), p=_NUM_OBJECTS_P))
-    classes = [int(rng.integers(1, NUM_FOREGROUND + 1))]
-    for _ in range(count - 1):
-        if rng.random() < _PARTNER_P:
-            classes.append(int(PARTNER[classes[int(rng.integers(len(classes)))]]))
-        else:
-            classes.append(int(rng.integers(1, NUM_FOREGROUND + 1)))
+    classes = shapes.draw_classes(rng)
     objects = [
         _Object(
             cls=c,
