@@ -30,7 +30,8 @@ from typing import Callable
 import numpy as np
 
 from .presence import cache_key_of
-from .shapes_draw import Appearance, Placed, background, finish, paint, shape_mask, unit_coords
+from .shapes_draw import (NUM_OBJECTS_P, OBJECT_RADIUS, Appearance, Placed, background, boundary, finish, object_mask,
+                          paint, place)
 from .shapes_pool import pool_categories
 
 GENERATOR_VERSION = 2  # bump when the output changes: it keys the presence cache
@@ -85,7 +86,6 @@ PARTNER = np.zeros(NUM_FOREGROUND + 1, dtype=np.int64)
 for _a, _b in PAIRS:
     PARTNER[_a], PARTNER[_b] = _b, _a
 
-_NUM_OBJECTS_P = (0.35, 0.35, 0.2, 0.1)  # 1, 2, 3 or 4 objects
 _PARTNER_P = 0.5
 _NUM_DISTRACTORS_P = (0.3, 0.4, 0.3)  # 0, 1 or 2 unlabelled pool objects in the background
 
@@ -101,15 +101,10 @@ def _rngs(seed: int, split: str, index: int) -> tuple[np.random.Generator, np.ra
     return np.random.default_rng(layout), np.random.default_rng(appearance)
 
 
-def _place(rng: np.random.Generator, look: Appearance, size: int, radius: tuple[float, float]) -> Placed:
-    return Placed(look, cx=float(rng.uniform(0.2, 0.8) * size), cy=float(rng.uniform(0.2, 0.8) * size),
-                  radius=float(rng.uniform(*radius) * size), angle=float(rng.uniform(-0.26, 0.26)))
-
-
 def draw_classes(rng: np.random.Generator) -> list[int]:
     """The classes of one image: 1-4 objects, each after the first its predecessor's partner half
     the time (both generators)."""
-    count = 1 + int(rng.choice(len(_NUM_OBJECTS_P), p=_NUM_OBJECTS_P))
+    count = 1 + int(rng.choice(len(NUM_OBJECTS_P), p=NUM_OBJECTS_P))
     classes = [int(rng.integers(1, NUM_FOREGROUND + 1))]
     for _ in range(count - 1):
         if rng.random() < _PARTNER_P:
@@ -121,42 +116,26 @@ def draw_classes(rng: np.random.Generator) -> list[int]:
 
 def _layout(rng: np.random.Generator, size: int) -> _Layout:
     classes = draw_classes(rng)
-    objects = [(c, _place(rng, CLASSES[c - 1], size, (0.16, 0.3))) for c in classes]
+    objects = [(c, place(rng, CLASSES[c - 1], size, OBJECT_RADIUS)) for c in classes]
     # Large objects first, so that small ones are drawn on top and stay visible.
     objects.sort(key=lambda o: -o[1].radius)
-    distractors = tuple(_place(rng, POOL[int(rng.integers(len(POOL)))], size, (0.1, 0.2))
+    distractors = tuple(place(rng, POOL[int(rng.integers(len(POOL)))], size, (0.1, 0.2))
                         for _ in range(int(rng.choice(len(_NUM_DISTRACTORS_P), p=_NUM_DISTRACTORS_P))))
     return _Layout(tuple(objects), distractors)
-
-
-def _mask(obj: Placed, size: int) -> np.ndarray:
-    return shape_mask(obj.look.shape, *unit_coords(obj, size))
-
-
-def _boundary(label: np.ndarray) -> np.ndarray:
-    """Pixels with a 4-neighbour of another label: a 2-pixel band across every edge."""
-    edge = np.zeros(label.shape, dtype=bool)
-    dx = label[:, 1:] != label[:, :-1]
-    dy = label[1:, :] != label[:-1, :]
-    edge[:, 1:] |= dx
-    edge[:, :-1] |= dx
-    edge[1:, :] |= dy
-    edge[:-1, :] |= dy
-    return edge
 
 
 def _render_label(layout: _Layout, masks: list[np.ndarray], size: int) -> np.ndarray:
     label = np.zeros((size, size), dtype=np.uint8)
     for (cls, _), mask in zip(layout.objects, masks):
         label[mask] = cls
-    label[_boundary(label)] = IGNORE_LABEL
+    label[boundary(label)] = IGNORE_LABEL
     return label
 
 
 def _render_image(layout: _Layout, masks: list[np.ndarray], rng: np.random.Generator, size: int) -> np.ndarray:
     image = background(rng, size)
     for obj in layout.distractors:
-        paint(image, obj, _mask(obj, size), rng, size)
+        paint(image, obj, object_mask(obj, size), rng, size)
     for (_, obj), mask in zip(layout.objects, masks):
         paint(image, obj, mask, rng, size)
     return finish(image, rng)
@@ -166,14 +145,14 @@ def generate_sample(seed: int, split: str, index: int, size: int = 64) -> tuple[
     """(uint8 HxWx3 image, uint8 HxW label) of sample ``index`` of ``split``."""
     layout_rng, appearance_rng = _rngs(seed, split, index)
     layout = _layout(layout_rng, size)
-    masks = [_mask(obj, size) for _, obj in layout.objects]
+    masks = [object_mask(obj, size) for _, obj in layout.objects]
     return _render_image(layout, masks, appearance_rng, size), _render_label(layout, masks, size)
 
 
 def generate_label(seed: int, split: str, index: int, size: int = 64) -> np.ndarray:
     """The label of ``generate_sample`` alone, without rendering the image."""
     layout = _layout(_rngs(seed, split, index)[0], size)
-    return _render_label(layout, [_mask(obj, size) for _, obj in layout.objects], size)
+    return _render_label(layout, [object_mask(obj, size) for _, obj in layout.objects], size)
 
 
 @dataclass(frozen=True)

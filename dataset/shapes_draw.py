@@ -27,6 +27,10 @@ PALETTE = {"red": 0.0, "orange": 30.0, "yellow": 58.0, "green": 120.0, "cyan": 1
            "purple": 275.0, "pink": 320.0, "white": None, "black": None}
 COLOURS = tuple(PALETTE)
 
+# Scene layout shared by the benchmark and the pool's scenes: 1-4 objects, radius a fraction of the image.
+NUM_OBJECTS_P = (0.35, 0.35, 0.2, 0.1)
+OBJECT_RADIUS = (0.16, 0.3)
+
 
 @dataclass(frozen=True)
 class Appearance:
@@ -63,6 +67,28 @@ def unit_coords(obj: Placed, size: int) -> tuple[np.ndarray, np.ndarray]:
     dx, dy = (x - obj.cx) / obj.radius, (obj.cy - y) / obj.radius
     c, s = np.cos(obj.angle), np.sin(obj.angle)
     return c * dx + s * dy, -s * dx + c * dy
+
+
+def place(rng: np.random.Generator, look: Appearance, size: int, radius: tuple[float, float]) -> Placed:
+    """``look`` at a random pose: centre in the middle 60 %, radius a fraction of ``size``."""
+    return Placed(look, cx=float(rng.uniform(0.2, 0.8) * size), cy=float(rng.uniform(0.2, 0.8) * size),
+                  radius=float(rng.uniform(*radius) * size), angle=float(rng.uniform(-0.26, 0.26)))
+
+
+def object_mask(obj: Placed, size: int) -> np.ndarray:
+    return shape_mask(obj.look.shape, *unit_coords(obj, size))
+
+
+def boundary(label: np.ndarray) -> np.ndarray:
+    """Pixels with a 4-neighbour of another label: a 2-pixel band across every edge."""
+    edge = np.zeros(label.shape, dtype=bool)
+    dx = label[:, 1:] != label[:, :-1]
+    dy = label[1:, :] != label[:-1, :]
+    edge[:, 1:] |= dx
+    edge[:, :-1] |= dx
+    edge[1:, :] |= dy
+    edge[:-1, :] |= dy
+    return edge
 
 
 def _triangle(u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:

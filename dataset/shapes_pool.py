@@ -1,14 +1,15 @@
-"""Pretraining examples of the synthetic benchmark: ImageNet's role for ``--dataset shapes``.
+"""Pretraining scenes of the synthetic benchmark: ImageNet's role for ``--dataset shapes``.
 
 Every published VOC/ADE run starts its backbone from ImageNet: generic features learned on
 categories that share the benchmark's low-level vocabulary (colours, textures, parts) but are
 not its classes.  The pool (``shapes.POOL``) is that for the shapes set: every (shape, texture)
 combination of the shared drawing primitives that is *not* a benchmark class, each in three
-colours of the shared palette.  An example is one pool object on the benchmark's cluttered
-background, labelled with its category, for ``scripts/pretrain_shapes.py`` to classify; pool
-objects also appear, unlabelled, in the background of the benchmark's images.
+colours of the shared palette.  A pool scene is the benchmark's layout (1-4 objects on the
+cluttered background, 255 boundary band) with pool categories instead of classes, labelled per
+pixel, for ``scripts/pretrain_shapes.py``; pool objects also appear, unlabelled, in the
+background of the benchmark's images.
 
-An example is a pure function of (seed, index), like a benchmark sample.
+A scene is a pure function of (seed, index), like a benchmark sample.
 """
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .shapes_draw import (COLOURS, SHAPES, TEXTURES, Appearance, Placed, background, finish, paint, shape_mask,
-                          unit_coords)
+from .shapes_draw import (COLOURS, NUM_OBJECTS_P, OBJECT_RADIUS, SHAPES, TEXTURES, Appearance, background, boundary,
+                          finish, object_mask, paint, place)
 
-POOL_SEED = 1000  # the pool's colour sets and examples use streams apart from the benchmark's
+POOL_SEED = 1000  # the pool's colour sets and scenes use streams apart from the benchmark's
+IGNORE_LABEL = 255
 
 
 def pool_categories(benchmark: set[tuple[str, str]]) -> tuple[Appearance, ...]:
@@ -34,15 +36,23 @@ def pool_categories(benchmark: set[tuple[str, str]]) -> tuple[Appearance, ...]:
     return tuple(categories)
 
 
-def generate_example(categories: Sequence[Appearance], seed: int, index: int,
-                     size: int = 64) -> tuple[np.ndarray, int]:
-    """(uint8 HxWx3 image, category index) of pool example ``index``: one object on clutter."""
+def generate_scene(categories: Sequence[Appearance], seed: int, index: int,
+                   size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 HxWx3 image, uint8 HxW label) of pool scene ``index``: label 1 + k where pool
+    category k is, 0 on the background, 255 on the boundary band."""
     layout_seq, appearance_seq = np.random.SeedSequence([POOL_SEED, seed, index]).spawn(2)
     rng, look_rng = np.random.default_rng(layout_seq), np.random.default_rng(appearance_seq)
-    category = int(rng.integers(len(categories)))
-    obj = Placed(categories[category], cx=float(rng.uniform(0.35, 0.65) * size),
-                 cy=float(rng.uniform(0.35, 0.65) * size), radius=float(rng.uniform(0.22, 0.38) * size),
-                 angle=float(rng.uniform(-0.26, 0.26)))
+    count = 1 + int(rng.choice(len(NUM_OBJECTS_P), p=NUM_OBJECTS_P))
+    objects = []
+    for _ in range(count):
+        category = int(rng.integers(len(categories)))
+        objects.append((category + 1, place(rng, categories[category], size, OBJECT_RADIUS)))
+    objects.sort(key=lambda o: -o[1].radius)  # small objects on top, as in the benchmark
     image = background(look_rng, size)
-    paint(image, obj, shape_mask(obj.look.shape, *unit_coords(obj, size)), look_rng, size)
-    return finish(image, look_rng), category
+    label = np.zeros((size, size), dtype=np.uint8)
+    for value, obj in objects:
+        mask = object_mask(obj, size)
+        paint(image, obj, mask, look_rng, size)
+        label[mask] = value
+    label[boundary(label)] = IGNORE_LABEL
+    return finish(image, look_rng), label

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import shapes
-from .shapes import _boundary
+from .shapes_draw import boundary as _boundary
 from .shapes_draw import direction as _direction
 from .shapes_draw import hsv as _hsv
 from .shapes_draw import shape_mask as _shape_mask

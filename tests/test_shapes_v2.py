@@ -9,7 +9,7 @@ import pytest
 from dataset import shapes
 from dataset.shapes import generate_sample
 from dataset.shapes_draw import COLOURS, TEXTURES
-from dataset.shapes_pool import generate_example
+from dataset.shapes_pool import generate_scene
 
 # ---------------------------------------------------------------------------- VOC-like structure
 
@@ -23,11 +23,23 @@ def test_pretraining_pool_is_disjoint_from_the_benchmark_classes():
     assert {c for look in shapes.POOL for c in look.colours} == set(COLOURS)
     assert {look.texture for look in shapes.POOL} == set(TEXTURES)
     assert {c.shape for c in shapes.CLASSES} < {look.shape for look in shapes.POOL}
-    # examples: an image and a pool category, deterministic
-    image, category = generate_example(shapes.POOL, 0, 5)
-    again, same = generate_example(shapes.POOL, 0, 5)
-    assert image.shape == (64, 64, 3) and np.array_equal(image, again) and category == same
-    assert 0 <= category < len(shapes.POOL)
+    # scenes: an image and a per-pixel pool category (1 + index), deterministic
+    image, label = generate_scene(shapes.POOL, 0, 5)
+    again, same = generate_scene(shapes.POOL, 0, 5)
+    assert image.shape == (64, 64, 3) and np.array_equal(image, again) and np.array_equal(label, same)
+    values = set(np.unique(label).tolist())
+    assert {0, 255} < values and max(values - {255}) <= len(shapes.POOL)
+
+
+def test_pool_scenes_label_every_object_with_its_category():
+    """Each drawn object's pixels carry its category; categories spread over the whole pool."""
+    seen = set()
+    for index in range(300):
+        _, label = generate_scene(shapes.POOL, 0, index)
+        objects = set(np.unique(label).tolist()) - {0, 255}
+        assert 1 <= len(objects) <= 4
+        seen |= objects
+    assert len(seen) > 0.9 * len(shapes.POOL)
 
 
 def test_no_colour_or_texture_names_a_class():
