@@ -67,8 +67,12 @@ PUBLISHED = {
 SCORES = ("miou_old", "miou_new", "miou_all", "hiou", "avg")
 
 
-def demo_flags() -> list[str]:
-    return (ROOT / "scripts" / "demo_flags.txt").read_text().split()
+DEMO_FLAGS = ROOT / "scripts" / "demo_flags.txt"
+
+
+def demo_flags(path: Path = DEMO_FLAGS) -> list[str]:
+    """The shared settings every method runs with (dataset version, network, schedule)."""
+    return Path(path).read_text().split()
 
 
 def _flag_values(flags: list[str], name: str) -> list[str]:
@@ -77,10 +81,10 @@ def _flag_values(flags: list[str], name: str) -> list[str]:
     return flags[start:end]
 
 
-def method_flags(method: str) -> list[str]:
+def method_flags(method: str, base: list[str]) -> list[str]:
     flags = list(EXTRA_FLAGS.get(method, []))
     if method in LR_DIVISOR:
-        flags += ["--lr", *(f"{float(v) / LR_DIVISOR[method]:g}" for v in _flag_values(demo_flags(), "--lr"))]
+        flags += ["--lr", *(f"{float(v) / LR_DIVISOR[method]:g}" for v in _flag_values(base, "--lr"))]
     return flags
 
 
@@ -93,10 +97,11 @@ def run_dir(logdir: Path, name: str) -> Path:
     return logdir / "shapes" / "15-1-ov" / name
 
 
-def run(method: str, name: str, steps: list[str], logdir: Path, results: Path, extra: list[str]) -> float:
+def run(method: str, name: str, steps: list[str], logdir: Path, results: Path, extra: list[str],
+        base: list[str]) -> float:
     command = [sys.executable, str(ROOT / "run.py"), "--dataset", "shapes", "--task", "15-1", "--overlap",
                "--method", method, "--name", name, "--logdir", str(logdir), "--results_file", str(results),
-               "--device", "cpu", "--no_progress", *demo_flags(), *method_flags(method), "--step", *steps, *extra]
+               "--device", "cpu", "--no_progress", *base, *method_flags(method, base), "--step", *steps, *extra]
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT)
     return time.perf_counter() - start
@@ -107,15 +112,16 @@ def seed_name(method: str, seed: int) -> str:
 
 
 def run_method(method: str, seeds: list[int], logdir: Path, results: Path, extra: list[str],
-               last_step: int = 5) -> float:
+               last_step: int = 5, base: list[str] | None = None) -> float:
     """Step 0 (unless its recipe's run has it), then steps 1..last_step once per seed."""
+    base = demo_flags() if base is None else base
     seconds = 0.0
     step0 = run_dir(logdir, step0_recipe(method)) / "step-0.pth"
     if step0_recipe(method) == method:
-        seconds += run(method, method, ["0"], logdir, results, extra)
+        seconds += run(method, method, ["0"], logdir, results, extra, base)
     for seed in seeds:
         seconds += run(method, seed_name(method, seed), [str(s) for s in range(1, last_step + 1)], logdir, results,
-                       ["--step_ckpt", str(step0), "--random_seed", str(seed), *extra])
+                       ["--step_ckpt", str(step0), "--random_seed", str(seed), *extra], base)
     return seconds
 
 
@@ -215,6 +221,8 @@ def main(argv=None):
                    help="seeds of steps 1-5 for the ranked and any non-standard method; the others run the first")
     p.add_argument("--last_step", type=int, choices=range(1, 6), default=5,
                    help="stop after this step (a quick look at a new method); the table reads its scores")
+    p.add_argument("--flags", type=Path, default=DEMO_FLAGS,
+                   help="file of the settings shared by every method (default: the demo's)")
     p.add_argument("--logdir", default="runs/leaderboard")
     p.add_argument("--out", default="results/leaderboard",
                    help="folder for results.jsonl, table.md, table.csv and the plots")
@@ -231,7 +239,7 @@ def main(argv=None):
     minutes = {}
     for method in order:
         minutes[method] = run_method(method, seeds_of.get(method, []), logdir, results, extra,
-                                     args.last_step) / 60
+                                     args.last_step, demo_flags(args.flags)) / 60
         print(f"{method}: {minutes[method]:.1f} min", flush=True)
     rows = load_results([results])
     first = [r for m in chosen for r in rows if r["name"] == seed_name(m, seeds_of[m][0])]

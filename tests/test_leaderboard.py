@@ -46,6 +46,18 @@ def test_summary_over_seeds_uses_the_shared_step0():
     assert (row["voc_old"], row["voc_new"], row["voc_all"]) == (35.1, 13.5, 29.7)
 
 
+def test_shared_settings_come_from_the_flags_file(tmp_path):
+    """--flags replaces the demo's settings for every method; DKD's lr divisor reads that file's lrs."""
+    lb = _leaderboard()
+    flags = tmp_path / "flags.txt"
+    flags.write_text("--shapes_version 2 --epochs 8 10 --lr 0.1 0.01\n")
+    base = lb.demo_flags(flags)
+    assert base == ["--shapes_version", "2", "--epochs", "8", "10", "--lr", "0.1", "0.01"]
+    assert lb.method_flags("DKD", base) == ["--lr", "0.01", "0.001"]
+    assert lb.method_flags("MiB", base) == []
+    assert lb.demo_flags() == (ROOT / "scripts" / "demo_flags.txt").read_text().split()
+
+
 def test_readme_shows_the_example_method_file_verbatim():
     example = (ROOT / "docs" / "example_method.py").read_text()
     assert example.strip() in (ROOT / "README.md").read_text()

@@ -13,9 +13,8 @@ from segmentation_module import PretrainedWeightsError, make_model, pretrained_p
 from scripts_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-# generator 2's command in the README: the demo's network, pool-pretrained
-GENERATOR2 = ["--shapes_version", "2", "--backbone", "resnet18", "--width", "0.25", "--output_stride", "8",
-              "--norm_act", "abn"]
+# generator 2's shared settings (the README's proxy command and leaderboard): the demo's network, pool-pretrained
+GENERATOR2 = (ROOT / "scripts" / "proxy_flags.txt").read_text().split()
 
 
 def _script():
@@ -42,7 +41,7 @@ def test_pretraining_is_deterministic_and_learns():
 
 def test_step0_of_generator2_loads_the_shipped_pool_weights():
     opts = parse_args(["--dataset", "shapes", "--task", "15-1", *GENERATOR2])
-    assert not opts.no_pretrained
+    assert not opts.no_pretrained and opts.shapes_version == 2
     path = pretrained_path(opts)
     assert path.parent == ROOT / "pretrained" and path.is_file()
     expected = read_pretrained(path)  # the body's keys, classifier dropped
