@@ -67,6 +67,19 @@ PUBLISHED = {
 SCORES = ("miou_old", "miou_new", "miou_all", "hiou", "avg")
 
 
+def canonical(name: str) -> str:
+    """The registry's spelling of a method (``LwF`` is registered as ``LWF``): every table above is
+    looked up under it."""
+    return methods.get_method_class(name).name
+
+
+METHODS, RANKED = [canonical(m) for m in METHODS], [canonical(m) for m in RANKED]
+SHARES_FT_STEP0 = {canonical(m) for m in SHARES_FT_STEP0}
+EXTRA_FLAGS = {canonical(m): v for m, v in EXTRA_FLAGS.items()}
+LR_DIVISOR = {canonical(m): v for m, v in LR_DIVISOR.items()}
+PUBLISHED = {canonical(m): v for m, v in PUBLISHED.items()}
+
+
 DEMO_FLAGS = ROOT / "scripts" / "demo_flags.txt"
 
 
@@ -228,7 +241,7 @@ def main(argv=None):
                    help="folder for results.jsonl, table.md, table.csv and the plots")
     args, extra = p.parse_known_args(argv)
     try:
-        chosen = [methods.get_method_class(m).name for m in args.methods]
+        chosen = [canonical(m) for m in args.methods]
     except KeyError as exc:
         p.error(exc.args[0])
     seeds_of = {m: (args.seeds if m in RANKED or m not in METHODS else args.seeds[:1]) for m in chosen}
@@ -236,17 +249,26 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     order = list(dict.fromkeys(["FT"] * any(step0_recipe(m) == "FT" for m in chosen) + chosen))
-    minutes = {}
+    minutes, failed = {}, []
     for method in order:
-        minutes[method] = run_method(method, seeds_of.get(method, []), logdir, results, extra,
-                                     args.last_step, demo_flags(args.flags)) / 60
+        try:
+            minutes[method] = run_method(method, seeds_of.get(method, []), logdir, results, extra,
+                                         args.last_step, demo_flags(args.flags)) / 60
+        except subprocess.CalledProcessError as exc:  # e.g. a NaN loss: the others still run
+            failed.append(method)
+            print(f"{method}: run.py stopped with exit code {exc.returncode} (its error is above); "
+                  f"left out of the table", flush=True)
+            continue
         print(f"{method}: {minutes[method]:.1f} min", flush=True)
+    seeds_of = {m: s for m, s in seeds_of.items() if m not in failed}
+    if not seeds_of:
+        sys.exit("leaderboard: every method failed; nothing to tabulate")
     rows = load_results([results])
-    first = [r for m in chosen for r in rows if r["name"] == seed_name(m, seeds_of[m][0])]
+    first = [r for m in seeds_of for r in rows if r["name"] == seed_name(m, seeds_of[m][0])]
     plot_miou_per_step(first, out / "miou_per_step.png")
     plot_class_iou_heatmap(first, out / "class_iou.png")
     table = summarise(rows, seeds_of)
-    text = markdown(table)
+    text = markdown(table) + "".join(f"\n{m}: did not finish (left out)" for m in failed)
     (out / "table.md").write_text(text + "\n")
     write_csv(table, out / "table.csv")
     print(text)

@@ -58,6 +58,34 @@ def test_shared_settings_come_from_the_flags_file(tmp_path):
     assert lb.demo_flags() == (ROOT / "scripts" / "demo_flags.txt").read_text().split()
 
 
+def test_a_failed_method_is_left_out_and_the_others_tabulated(tmp_path, monkeypatch, capsys):
+    """A method whose run.py stops (a NaN loss, say) costs its row, not the whole table."""
+    import json
+
+    lb = _leaderboard()
+    results = tmp_path / "out" / "results.jsonl"
+
+    def fake_run_method(method, seeds, logdir, results_file, extra, last_step=5, base=None):
+        if method == "PLOP":
+            raise subprocess.CalledProcessError(2, ["run.py"])
+        names = [method] * (method == "FT") + [lb.seed_name(method, s) for s in seeds]
+        with open(results_file, "a") as f:
+            for name in names:
+                for step in ([0] if name == "FT" else range(1, 6)):
+                    f.write(json.dumps({"dataset": "shapes", "task": "15-1", "overlap": True, "name": name,
+                                        "step": step, "miou_all": 0.4, "miou_old": 0.5, "miou_new": 0.1,
+                                        "hiou": 0.2, "class_iou": [0.5] * (16 + step)}) + "\n")
+        return 60.0
+
+    monkeypatch.setattr(lb, "run_method", fake_run_method)
+    lb.main(["--methods", "FT", "MiB", "PLOP", "--seeds", "42", "--logdir", str(tmp_path / "runs"),
+             "--out", str(results.parent)])
+    table = (results.parent / "table.md").read_text()
+    assert "| MiB |" in table and "| PLOP |" not in table
+    assert "PLOP: did not finish (left out)" in table
+    assert "PLOP: run.py stopped with exit code 2" in capsys.readouterr().out
+
+
 def test_readme_shows_the_example_method_file_verbatim():
     example = (ROOT / "docs" / "example_method.py").read_text()
     assert example.strip() in (ROOT / "README.md").read_text()
