@@ -56,6 +56,9 @@ def test_shared_settings_come_from_the_flags_file(tmp_path):
     assert lb.method_flags("DKD", base) == ["--lr", "0.01", "0.001"]
     assert lb.method_flags("MiB", base) == []
     assert lb.demo_flags() == (ROOT / "scripts" / "demo_flags.txt").read_text().split()
+    # tables are keyed by the registry's spelling: LwF (registered as LWF) shares FT's step 0, has a VOC row
+    assert lb.step0_recipe(lb.canonical("LwF")) == "FT" and lb.PUBLISHED[lb.canonical("LwF")][2] == 1.8
+    assert lb.canonical("LwF") in lb.RANKED
 
 
 def test_a_failed_method_is_left_out_and_the_others_tabulated(tmp_path, monkeypatch, capsys):
