@@ -30,13 +30,12 @@ from typing import Callable
 import numpy as np
 
 from .presence import cache_key_of
-from .shapes_draw import (NUM_OBJECTS_P, OBJECT_RADIUS, Appearance, Placed, background, boundary, finish, object_mask,
-                          paint, place)
+from .shapes_draw import (NUM_OBJECTS_P, OBJECT_RADIUS, Appearance, Placed, background, finish, label_objects,
+                          object_mask, paint, place)
 from .shapes_pool import pool_categories
 
 GENERATOR_VERSION = 2  # bump when the output changes: it keys the presence cache
 SPLITS = {"train": 0, "val": 1}
-IGNORE_LABEL = 255
 
 # The 20 classes in design order: (shape, texture, colours).  Every class comes in a warm, a cool
 # and a third colour, so no class owns a hue (cars, boats and birds come in any colour).  Rows 1-2,
@@ -125,11 +124,7 @@ def _layout(rng: np.random.Generator, size: int) -> _Layout:
 
 
 def _render_label(layout: _Layout, masks: list[np.ndarray], size: int) -> np.ndarray:
-    label = np.zeros((size, size), dtype=np.uint8)
-    for (cls, _), mask in zip(layout.objects, masks):
-        label[mask] = cls
-    label[boundary(label)] = IGNORE_LABEL
-    return label
+    return label_objects([cls for cls, _ in layout.objects], masks, size)
 
 
 def _render_image(layout: _Layout, masks: list[np.ndarray], rng: np.random.Generator, size: int) -> np.ndarray:

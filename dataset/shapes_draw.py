@@ -12,6 +12,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from .presence import IGNORE_LABEL
+
 # Benchmark shapes first; the pool has all of them and more.
 BENCHMARK_SHAPES = ("disc", "square", "triangle", "diamond", "cross", "ring", "frame", "star", "hexagon",
                     "ellipse")
@@ -89,6 +91,16 @@ def boundary(label: np.ndarray) -> np.ndarray:
     edge[1:, :] |= dy
     edge[:-1, :] |= dy
     return edge
+
+
+def label_objects(values, masks, size: int) -> np.ndarray:
+    """The label map of objects drawn in this order (later ones on top), ``IGNORE_LABEL`` on the
+    boundary band."""
+    label = np.zeros((size, size), dtype=np.uint8)
+    for value, mask in zip(values, masks):
+        label[mask] = value
+    label[boundary(label)] = IGNORE_LABEL
+    return label
 
 
 def _triangle(u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:

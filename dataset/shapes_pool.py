@@ -17,11 +17,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .shapes_draw import (COLOURS, NUM_OBJECTS_P, OBJECT_RADIUS, SHAPES, TEXTURES, Appearance, background, boundary,
-                          finish, object_mask, paint, place)
+from .shapes_draw import (COLOURS, NUM_OBJECTS_P, OBJECT_RADIUS, SHAPES, TEXTURES, Appearance, background, finish,
+                          label_objects, object_mask, paint, place)
 
 POOL_SEED = 1000  # the pool's colour sets and scenes use streams apart from the benchmark's
-IGNORE_LABEL = 255
 
 
 def pool_categories(benchmark: set[tuple[str, str]]) -> tuple[Appearance, ...]:
@@ -48,11 +47,8 @@ def generate_scene(categories: Sequence[Appearance], seed: int, index: int,
         category = int(rng.integers(len(categories)))
         objects.append((category + 1, place(rng, categories[category], size, OBJECT_RADIUS)))
     objects.sort(key=lambda o: -o[1].radius)  # small objects on top, as in the benchmark
+    masks = [object_mask(obj, size) for _, obj in objects]
     image = background(look_rng, size)
-    label = np.zeros((size, size), dtype=np.uint8)
-    for value, obj in objects:
-        mask = object_mask(obj, size)
+    for (_, obj), mask in zip(objects, masks):
         paint(image, obj, mask, look_rng, size)
-        label[mask] = value
-    label[boundary(label)] = IGNORE_LABEL
-    return finish(image, look_rng), label
+    return finish(image, look_rng), label_objects([value for value, _ in objects], masks, size)

@@ -22,16 +22,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import shapes
-from .shapes_draw import boundary as _boundary
 from .shapes_draw import direction as _direction
 from .shapes_draw import hsv as _hsv
+from .shapes_draw import label_objects
 from .shapes_draw import shape_mask as _shape_mask
 from .shapes_draw import smooth_noise as _smooth_noise
 from .shapes_draw import unit_coords as _unit_coords
 
 GENERATOR_VERSION = 1  # bump when the output changes: it keys the presence cache
 SPLITS = {"train": 0, "val": 1}
-IGNORE_LABEL = 255
 
 SHAPES = ("disc", "square", "triangle", "diamond", "cross", "ring", "frame", "star", "hexagon",
           "ellipse")
@@ -100,11 +99,7 @@ def _masks(objects: list[_Object], size: int) -> list[np.ndarray]:
 
 
 def _render_label(objects: list[_Object], masks: list[np.ndarray], size: int) -> np.ndarray:
-    label = np.zeros((size, size), dtype=np.uint8)
-    for obj, mask in zip(objects, masks):
-        label[mask] = obj.cls
-    label[_boundary(label)] = IGNORE_LABEL
-    return label
+    return label_objects([obj.cls for obj in objects], masks, size)
 
 
 def _object_colour(rng: np.random.Generator, colour: str) -> np.ndarray:

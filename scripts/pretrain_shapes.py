@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dataset.shapes import POOL  # noqa: E402
-from dataset.shapes_pool import IGNORE_LABEL, generate_scene  # noqa: E402
+from dataset.presence import IGNORE_LABEL  # noqa: E402
+from dataset.shapes_pool import generate_scene  # noqa: E402
 from dataset.transforms import device_batch  # noqa: E402
 from metrics.confusion import ConfusionMatrix  # noqa: E402
 from models.resnet import build_backbone  # noqa: E402
