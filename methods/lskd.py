@@ -25,6 +25,9 @@ Step 0 trains exactly as PLOP's step 0.  Deviations from the reference, each a f
 * the GradNorm gradient of w is averaged over ranks (the reference replaced the all-reduced
   gradient by each rank's own, so ranks' weights drifted apart);
 * a loss ratio L_i / L_i(0) with L_i(0) = 0 counts as 1 (the reference divides by zero);
+* ``--nonnegative_loss_weights`` (off by default) projects w onto w >= 0 before each use and before
+  the renormalisation: the reference's objective can drive a weight below 0 (its G_i is a signed
+  mean), and the student then maximises that distance until the loss is -inf;
 * ``--mask_distance L1_mean`` (channel statistic undefined, a NameError in the reference) and
   ``L2`` (its "statistics" are vectors, so every mask mode crashes) are rejected.
 """
@@ -92,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="weight of the tie between the CE and KD weights (LSKD: 5e-4)")
     g.add_argument("--ce_factor", "--ppp", dest="ce_factor", type=float, default=1.0,
                    help="factor of the CE term in LSKD's task vector")
+    g.add_argument("--nonnegative_loss_weights", action="store_true",
+                   help="deviation: project the learned term weights onto w >= 0 after every update (the "
+                        "reference does not; a negative weight makes the student maximise that distance)")
 
 
 # --- masks (MD) ---------------------------------------------------------------------------------
@@ -289,6 +295,7 @@ class LSKD(PLOP):
         self.beta_gn = float(opts.adaptive_beta)
         self.gamma_gn = float(opts.adaptive_gamma)
         self.ce_factor = float(opts.ce_factor)
+        self.nonnegative = bool(getattr(opts, "nonnegative_loss_weights", False))
         self.new_over_old = task.n_new / task.n_old if task.n_old else 0.0
         if self.incremental and (self.pod is None or not self.pod_logits):
             raise ConfigError("LSKD distils six layers: pass --pod local --pod_logits (or use the LSKD preset)")
@@ -345,8 +352,19 @@ class LSKD(PLOP):
         if not self.incremental:
             return
         self.initial_frozen = self.initial_losses is not None
+        self._project_weights()
         with torch.no_grad():
-            self.loss_weights.mul_(len(TERMS) / self.loss_weights.sum())
+            total = self.loss_weights.sum()
+            if self.nonnegative and total == 0:  # every term switched off: start again from ones
+                self.loss_weights.fill_(1.0)
+            else:
+                self.loss_weights.mul_(len(TERMS) / total)
+
+    def _project_weights(self) -> None:
+        """w <- max(w, 0) under ``--nonnegative_loss_weights`` (the optimizer has just updated it)."""
+        if self.nonnegative:
+            with torch.no_grad():
+                self.loss_weights.clamp_(min=0)
 
     # --- the loss ---------------------------------------------------------------------------
     def loss(self, batch: dict, out: dict, teacher_out: Optional[dict]) -> dict[str, Tensor]:
@@ -358,6 +376,7 @@ class LSKD(PLOP):
         labels, weight = self.targets(batch["label"], teacher)
         classification = self._classification(out["logits"], labels, weight)
         extra = self._distillation(out, teacher)
+        self._project_weights()
         kd = extra.pop("unkd", None)
         kd = extra.pop("kd", kd)
         pod_terms, mcd = self.masked_distillation(batch["image"], labels, out, teacher)

@@ -11,16 +11,22 @@ checkpoint, the others train their own (LwF-MC's BCE, EWC/RW/PI statistics, SDR'
 REMINDER's prototypes, DKD's sigmoid head).  Steps 1-5 then run once per seed (``--random_seed``)
 from that checkpoint.  The table gives mean ± sd over seeds, the published VOC 15-1 overlapped
 numbers of each method, and the Spearman rank correlation of the all-class mIoU between the two.
-Reruns reuse finished steps.
+Runs go ``--jobs`` at a time (a seed as soon as its step-0 run is done), each with its share of
+the CPUs, its log in ``OUT/logs/NAME.log`` and its results in ``OUT/results/NAME.jsonl`` (merged
+into ``OUT/results.jsonl``).  Reruns reuse finished steps.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -110,32 +116,85 @@ def run_dir(logdir: Path, name: str) -> Path:
     return logdir / "shapes" / "15-1-ov" / name
 
 
-def run(method: str, name: str, steps: list[str], logdir: Path, results: Path, extra: list[str],
-        base: list[str]) -> float:
-    command = [sys.executable, str(ROOT / "run.py"), "--dataset", "shapes", "--task", "15-1", "--overlap",
-               "--method", method, "--name", name, "--logdir", str(logdir), "--results_file", str(results),
-               "--device", "cpu", "--no_progress", *base, *method_flags(method, base), "--step", *steps, *extra]
-    start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT)
-    return time.perf_counter() - start
-
-
 def seed_name(method: str, seed: int) -> str:
     return f"{method}-seed{seed}"
 
 
-def run_method(method: str, seeds: list[int], logdir: Path, results: Path, extra: list[str],
-               last_step: int = 5, base: list[str] | None = None) -> float:
-    """Step 0 (unless its recipe's run has it), then steps 1..last_step once per seed."""
-    base = demo_flags() if base is None else base
-    seconds = 0.0
-    step0 = run_dir(logdir, step0_recipe(method)) / "step-0.pth"
-    if step0_recipe(method) == method:
-        seconds += run(method, method, ["0"], logdir, results, extra, base)
-    for seed in seeds:
-        seconds += run(method, seed_name(method, seed), [str(s) for s in range(1, last_step + 1)], logdir, results,
-                       ["--step_ckpt", str(step0), "--random_seed", str(seed), *extra], base)
-    return seconds
+@dataclass
+class Job:
+    """One ``run.py`` call: a step-0 run (``after`` None) or a seed's steps 1..N, which starts
+    when the step-0 run named ``after`` has finished."""
+
+    method: str
+    name: str
+    steps: list[str]
+    extra: list[str] = field(default_factory=list)
+    after: Optional[str] = None
+
+
+def plan(chosen: list[str], seeds_of: dict[str, list[int]], logdir: Path, last_step: int = 5) -> list[Job]:
+    """Every run of the table: one step-0 run per recipe, then each method's seeds from it."""
+    jobs = [Job(recipe, recipe, ["0"]) for recipe in dict.fromkeys(step0_recipe(m) for m in chosen)]
+    for method in chosen:
+        step0 = run_dir(logdir, step0_recipe(method)) / "step-0.pth"
+        jobs += [Job(method, seed_name(method, seed), [str(s) for s in range(1, last_step + 1)],
+                     ["--step_ckpt", str(step0), "--random_seed", str(seed)], after=step0_recipe(method))
+                 for seed in seeds_of.get(method, [])]
+    return jobs
+
+
+def runs_of(method: str, jobs: list[Job]) -> list[Job]:
+    """The jobs a method's row rests on: its step-0 recipe's run and its own seeds."""
+    return [j for j in jobs if (j.after is None and j.name == step0_recipe(method)) or (j.after and j.method == method)]
+
+
+def command(job: Job, logdir: Path, results: Path, extra: list[str], base: list[str]) -> list[str]:
+    return [sys.executable, str(ROOT / "run.py"), "--dataset", "shapes", "--task", "15-1", "--overlap",
+            "--method", job.method, "--name", job.name, "--logdir", str(logdir), "--results_file", str(results),
+            "--device", "cpu", "--no_progress", *base, *method_flags(job.method, base), "--step", *job.steps,
+            *job.extra, *extra]
+
+
+def execute(jobs: list[Job], workers: int, launch: Callable[[Job, int], subprocess.Popen]) -> dict[str, float]:
+    """Run ``jobs`` ``workers`` at a time, each started once its step-0 run has succeeded.
+
+    Returns the minutes of every finished job; a failed job, and every job waiting on it, is left
+    out (and said so on one line)."""
+    pending, running, minutes, failed = list(jobs), {}, {}, set()
+    while pending or running:
+        for job in [j for j in pending if j.after in failed]:
+            pending.remove(job)
+            failed.add(job.name)
+            print(f"{job.name}: not run, its step-0 run {job.after} failed", flush=True)
+        ready = [j for j in pending if j.after is None or j.after in minutes]
+        while ready and len(running) < workers:
+            job = ready.pop(0)
+            pending.remove(job)
+            running[job.name] = (job, launch(job, workers), time.perf_counter())
+            print(f"{job.name}: started (steps {' '.join(job.steps)})", flush=True)
+        if not running:
+            break
+        time.sleep(0.2)
+        for name, (job, proc, start) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            if proc.returncode == 0:
+                minutes[name] = (time.perf_counter() - start) / 60
+                print(f"{name}: done in {minutes[name]:.1f} min", flush=True)
+            else:
+                failed.add(name)
+                print(f"{name}: run.py stopped with exit code {proc.returncode} ({last_line(proc)})", flush=True)
+    return minutes
+
+
+def last_line(proc: subprocess.Popen) -> str:
+    """The last line a job's log holds (run.py's one-line error), or where the log is."""
+    log = getattr(proc, "log", None)
+    if log is None or not Path(log).is_file():
+        return "its error is above"
+    lines = [l for l in Path(log).read_text(errors="replace").splitlines() if l.strip()]
+    return f"{lines[-1].strip() if lines else 'no output'}; log: {log}"
 
 
 def _last_by_step(rows: list[dict], name: str) -> dict[int, dict]:
@@ -227,6 +286,30 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def launcher(logdir: Path, out: Path, extra: list[str], base: list[str]) -> Callable[[Job, int], subprocess.Popen]:
+    """Start one job: its own results file (concurrent runs never rewrite one file), its output in
+    ``out/logs``, and an equal share of the CPUs as intra-op threads."""
+    def launch(job: Job, workers: int) -> subprocess.Popen:
+        log = out / "logs" / f"{job.name}.log"
+        for folder in ("logs", "results"):
+            (out / folder).mkdir(parents=True, exist_ok=True)
+        threads = str(max(1, available_cpus() // workers))
+        env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        with open(log, "w") as f:
+            proc = subprocess.Popen(command(job, logdir, out / "results" / f"{job.name}.jsonl", extra, base),
+                                    cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc.log = log
+        return proc
+    return launch
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=METHODS, help="any registered method (run.py --method)")
@@ -236,10 +319,15 @@ def main(argv=None):
                    help="stop after this step (a quick look at a new method); the table reads its scores")
     p.add_argument("--flags", type=Path, default=DEMO_FLAGS,
                    help="file of the settings shared by every method (default: the demo's)")
+    p.add_argument("--jobs", type=int, default=min(2, available_cpus()),
+                   help="runs at a time, the CPUs shared equally between them (default: 2, or 1 on one CPU; "
+                        "two one-thread runs do nearly twice the work of one two-thread run on 2 cores)")
     p.add_argument("--logdir", default="runs/leaderboard")
     p.add_argument("--out", default="results/leaderboard",
-                   help="folder for results.jsonl, table.md, table.csv and the plots")
+                   help="folder for results.jsonl, table.md, table.csv, the plots and each run's log")
     args, extra = p.parse_known_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
     try:
         chosen = [canonical(m) for m in args.methods]
     except KeyError as exc:
@@ -247,23 +335,16 @@ def main(argv=None):
     seeds_of = {m: (args.seeds if m in RANKED or m not in METHODS else args.seeds[:1]) for m in chosen}
     out, logdir = Path(args.out), Path(args.logdir)
     out.mkdir(parents=True, exist_ok=True)
-    results = out / "results.jsonl"
-    order = list(dict.fromkeys(["FT"] * any(step0_recipe(m) == "FT" for m in chosen) + chosen))
-    minutes, failed = {}, []
-    for method in order:
-        try:
-            minutes[method] = run_method(method, seeds_of.get(method, []), logdir, results, extra,
-                                         args.last_step, demo_flags(args.flags)) / 60
-        except subprocess.CalledProcessError as exc:  # e.g. a NaN loss: the others still run
-            failed.append(method)
-            print(f"{method}: run.py stopped with exit code {exc.returncode} (its error is above); "
-                  f"left out of the table", flush=True)
-            continue
-        print(f"{method}: {minutes[method]:.1f} min", flush=True)
+    jobs = plan(chosen, seeds_of, logdir, args.last_step)
+    start = time.perf_counter()
+    minutes = execute(jobs, args.jobs, launcher(logdir, out, extra, demo_flags(args.flags)))
+    failed = [m for m in chosen if any(j.name not in minutes for j in runs_of(m, jobs))]
     seeds_of = {m: s for m, s in seeds_of.items() if m not in failed}
     if not seeds_of:
         sys.exit("leaderboard: every method failed; nothing to tabulate")
-    rows = load_results([results])
+    files = [out / "results" / f"{j.name}.jsonl" for j in jobs]
+    rows = load_results([f for f in files if f.is_file()])
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     first = [r for m in seeds_of for r in rows if r["name"] == seed_name(m, seeds_of[m][0])]
     plot_miou_per_step(first, out / "miou_per_step.png")
     plot_class_iou_heatmap(first, out / "class_iou.png")
@@ -272,7 +353,9 @@ def main(argv=None):
     (out / "table.md").write_text(text + "\n")
     write_csv(table, out / "table.csv")
     print(text)
-    print(f"total {sum(minutes.values()):.1f} min")
+    per_method = {m: sum(minutes.get(j.name, 0) for j in jobs if j.method == m) for m in dict.fromkeys(j.method for j in jobs)}
+    print("run minutes per method: " + ", ".join(f"{m} {v:.1f}" for m, v in per_method.items()))
+    print(f"total {(time.perf_counter() - start) / 60:.1f} min wall clock, {args.jobs} at a time")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 method put on the leaderboard from a copy of the repository, as a user would."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -61,32 +62,46 @@ def test_shared_settings_come_from_the_flags_file(tmp_path):
     assert lb.canonical("LwF") in lb.RANKED
 
 
-def test_a_failed_method_is_left_out_and_the_others_tabulated(tmp_path, monkeypatch, capsys):
-    """A method whose run.py stops (a NaN loss, say) costs its row, not the whole table."""
-    import json
+_FAKE_RUN = """
+import json, sys, time
+results, name, method, steps = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+time.sleep(0.3)
+if name in ("SDR", "PLOP-seed42"):
+    print("error: the loss became NaN at step 1; lower --lr"); sys.exit(2)
+with open(results, "a") as f:
+    for step in map(int, steps):
+        f.write(json.dumps({"dataset": "shapes", "task": "15-1", "overlap": True, "name": name, "step": step,
+                            "miou_all": 0.4, "miou_old": 0.5, "miou_new": 0.1, "hiou": 0.2,
+                            "class_iou": [0.5] * (16 + step)}) + "\\n")
+"""
 
+
+def test_runs_go_in_parallel_after_their_step0_and_a_failure_costs_only_its_rows(tmp_path, monkeypatch, capsys):
+    """Two at a time: every seed starts after its recipe's step 0; a failed step 0 (SDR's) skips its
+    seeds, a failed seed (PLOP's, which shares FT's step 0) costs PLOP's row, not MiB's."""
     lb = _leaderboard()
-    results = tmp_path / "out" / "results.jsonl"
-
-    def fake_run_method(method, seeds, logdir, results_file, extra, last_step=5, base=None):
-        if method == "PLOP":
-            raise subprocess.CalledProcessError(2, ["run.py"])
-        names = [method] * (method == "FT") + [lb.seed_name(method, s) for s in seeds]
-        with open(results_file, "a") as f:
-            for name in names:
-                for step in ([0] if name == "FT" else range(1, 6)):
-                    f.write(json.dumps({"dataset": "shapes", "task": "15-1", "overlap": True, "name": name,
-                                        "step": step, "miou_all": 0.4, "miou_old": 0.5, "miou_new": 0.1,
-                                        "hiou": 0.2, "class_iou": [0.5] * (16 + step)}) + "\n")
-        return 60.0
-
-    monkeypatch.setattr(lb, "run_method", fake_run_method)
-    lb.main(["--methods", "FT", "MiB", "PLOP", "--seeds", "42", "--logdir", str(tmp_path / "runs"),
-             "--out", str(results.parent)])
-    table = (results.parent / "table.md").read_text()
-    assert "| MiB |" in table and "| PLOP |" not in table
-    assert "PLOP: did not finish (left out)" in table
-    assert "PLOP: run.py stopped with exit code 2" in capsys.readouterr().out
+    out = tmp_path / "out"
+    monkeypatch.setattr(lb, "command", lambda job, logdir, results, extra, base: [
+        sys.executable, "-c", _FAKE_RUN, str(results), job.name, job.method, *job.steps])
+    lb.main(["--methods", "FT", "MiB", "PLOP", "SDR", "--seeds", "42", "1", "--jobs", "2",
+             "--logdir", str(tmp_path / "runs"), "--out", str(out)])
+    printed = capsys.readouterr().out.splitlines()
+    started = [line.split(":")[0] for line in printed if line.endswith(")") and ": started" in line]
+    done = [line.split(":")[0] for line in printed if ": done in" in line]
+    assert started[:2] == ["FT", "SDR"]  # the step-0 runs first
+    for name in started[2:]:  # a seed only after its step 0 finished
+        assert name.startswith(("FT-", "MiB-", "PLOP-"))
+        assert printed.index(next(l for l in printed if l.startswith("FT: done"))) < printed.index(
+            next(l for l in printed if l.startswith(f"{name}: started")))
+    assert set(done) == {"FT", "FT-seed42", "FT-seed1", "MiB-seed42", "MiB-seed1", "PLOP-seed1"}
+    assert "SDR-seed42: not run, its step-0 run SDR failed" in printed
+    assert any(l.startswith("PLOP-seed42: run.py stopped with exit code 2 (error: the loss became NaN") for l in printed)
+    table = (out / "table.md").read_text()
+    assert "| MiB | 2 |" in table and "| FT | 2 |" in table and "| PLOP |" not in table and "| SDR |" not in table
+    assert "PLOP: did not finish (left out)" in table and "SDR: did not finish (left out)" in table
+    merged = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["name"] for r in merged} == set(done) and len(merged) == 1 + 5 * 5
+    assert (out / "logs" / "PLOP-seed42.log").read_text().startswith("error: the loss became NaN")
 
 
 def test_readme_shows_the_example_method_file_verbatim():

@@ -283,6 +283,35 @@ def test_one_iteration_learned_weights_get_the_objective_gradient():
     torch.testing.assert_close(carried.loss_weights.detach(), saved)
 
 
+def test_nonnegative_loss_weights_project_before_use_and_renormalisation():
+    """Off (the reference): a negative weight is used as is and survives the renormalisation.  On:
+    it counts 0 in the loss and the others are rescaled to sum 9; all zero restarts from ones."""
+    opts, task, teacher, student, images, labels = _tiny_setup()
+    start = torch.tensor([2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, -1.0])
+    ctx = StepContext(model=student, teacher=teacher, train_loader=[(images, labels)],
+                      device=torch.device("cpu"), task=task, opts=opts, log=lambda s: None)
+    with torch.no_grad():
+        teacher_out = teacher(images)
+    for flag in (False, True):
+        opts.nonnegative_loss_weights = flag
+        method = LSKD(opts, task)
+        method.load_state_dict({"loss_weights": start})
+        method.before_step(ctx)
+        terms = method.loss({"image": images, "label": labels}, student(images), teacher_out)
+        method.after_epoch(ctx, 0)
+        if flag:
+            assert terms["pod_logits"].item() == 0.0
+            expected = (start.clamp(min=0) * 9 / 8.5).tolist()
+        else:
+            assert terms["pod_logits"].item() < 0  # the student is rewarded for moving away
+            expected = (start * 9 / 7.5).tolist()
+        assert method.loss_weights.detach().tolist() == pytest.approx(expected)
+    with torch.no_grad():
+        method.loss_weights.fill_(-0.5)
+    method.after_epoch(ctx, 1)
+    assert method.loss_weights.detach().tolist() == [1.0] * 9
+
+
 def test_step_zero_is_plop_step_zero_and_bad_setups_fail_clearly():
     opts, task, teacher, student, images, labels = _tiny_setup()
     method = LSKD(opts, Task("shapes", "15-1", 0))
