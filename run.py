@@ -30,7 +30,7 @@ from metrics.report import class_table, confusion_figure, record_result, summary
 from segmentation_module import PretrainedWeightsError, make_model
 from train import Timer, Trainer, evaluate
 from utils import checkpoint
-from utils.distributed import DistInfo, barrier, cleanup, init_distributed
+from utils.distributed import DistInfo, barrier, cleanup, init_distributed, share_cpus
 from utils.errors import CheckpointError, UserError
 from utils.logger import Logger
 from utils.malloc import keep_freed_memory
@@ -264,11 +264,14 @@ def exit_on_signals() -> None:
     threading.Thread(target=wait, name="signals", daemon=True).start()
 
 
-def main(argv=None) -> int:
-    """Exit codes: 0 done, 2 a problem the one printed line names (130/143: exit_on_signals)."""
+def main(argv=None, own_process: bool = False) -> int:
+    """Exit codes: 0 done, 2 a problem the one printed line names (130/143: exit_on_signals).
+    ``own_process`` (the command line) also sizes torch's CPU thread pool, which is per process."""
     try:
         opts = parse_args(argv)
         info = init_distributed(opts.device)
+        if own_process:
+            share_cpus(info.device, opts.num_workers)
         try:
             run(opts, info)
         finally:
@@ -290,4 +293,4 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     keep_freed_memory()  # before the first large allocation; see utils/malloc.py
     exit_on_signals()  # before any thread starts, so that all of them inherit the blocked signals
-    sys.exit(main())
+    sys.exit(main(own_process=True))

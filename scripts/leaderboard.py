@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import methods  # noqa: E402
 from metrics.plots import plot_class_iou_heatmap, plot_miou_per_step  # noqa: E402
 from metrics.report import load_results, write_csv  # noqa: E402
+from utils.distributed import available_cpus  # noqa: E402
 
 METHODS = ["FT", "LwF", "LwF-MC", "ILT", "EWC", "RW", "PI", "MiB", "PLOP", "SDR", "REMINDER", "LGKD", "LSKD",
            "DKD", "DKD-M"]
@@ -284,13 +285,6 @@ def markdown(table: list[dict]) -> str:
         lines.append(f"\nSpearman rank correlation of all-class mIoU with VOC over {len(names)} methods "
                      f"({', '.join(names)}): {rho:.2f}")
     return "\n".join(lines)
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def launcher(logdir: Path, out: Path, extra: list[str], base: list[str]) -> Callable[[Job, int], subprocess.Popen]:

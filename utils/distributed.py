@@ -39,6 +39,25 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return torch.device(name)
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def share_cpus(device: torch.device, num_workers: int) -> int:
+    """On the CPU, size torch's thread pool so that this process's threads, its data-loading
+    workers and the other local ranks' fit the cores: torch's default of one thread per core
+    oversubscribes them (2 cores, 1 worker: two epochs of the proxy take 26.4 s with 2 threads,
+    20.8 s with 1).  An explicit OMP_NUM_THREADS wins.  Returns the thread count in use."""
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, available_cpus() // local_ranks - num_workers))
+    return torch.get_num_threads()
+
+
 def init_distributed(device_name: str = "auto") -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
