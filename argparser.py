@@ -57,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shapes_val_size", type=int, default=300)
     g.add_argument("--shapes_image_size", type=int, default=64)
     g.add_argument("--shapes_seed", type=int, default=0)
-    g.add_argument("--shapes_version", type=int, choices=[1, 2], default=1,
-                   help="synthetic generator: 1 (calibrated default) or 2 (VOC-like proxy, pool-pretrained; "
-                        "README, The synthetic benchmark)")
+    g.add_argument("--shapes_version", type=int, choices=[1, 2], default=2,
+                   help="synthetic generator: 2 (the VOC-like proxy, pool-pretrained) or 1 (the first set, one "
+                        "colour per class, kept for comparison; README, The synthetic benchmark)")
 
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default="resnet101",

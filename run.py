@@ -271,7 +271,7 @@ def main(argv=None, own_process: bool = False) -> int:
         opts = parse_args(argv)
         info = init_distributed(opts.device)
         if own_process:
-            share_cpus(info.device, opts.num_workers)
+            share_cpus(info.device)
         try:
             run(opts, info)
         finally:

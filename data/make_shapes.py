@@ -26,7 +26,7 @@ from dataset.voc import voc_palette  # noqa: E402
 JPEG_QUALITY = 95
 
 
-def write_split(base: Path, split: str, count: int, size: int, seed: int, version: int = 1) -> list[str]:
+def write_split(base: Path, split: str, count: int, size: int, seed: int, version: int = 2) -> list[str]:
     """Write ``count`` samples of ``split``; return their image ids."""
     palette = voc_palette()
     ids = []
@@ -43,7 +43,7 @@ def write_split(base: Path, split: str, count: int, size: int, seed: int, versio
     return ids
 
 
-def write_shapes(root: Path, train: int, val: int, size: int, seed: int, version: int = 1) -> Path:
+def write_shapes(root: Path, train: int, val: int, size: int, seed: int, version: int = 2) -> Path:
     """Write both splits under ``root/VOC2012``; return that folder."""
     base = root / "VOC2012"
     for folder in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val", type=int, default=300, help="number of validation images")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (--shapes_seed)")
-    parser.add_argument("--version", type=int, choices=[1, 2], default=1, help="generator (--shapes_version)")
+    parser.add_argument("--version", type=int, choices=[1, 2], default=2, help="generator (--shapes_version)")
     args = parser.parse_args(argv)
     if args.train < 1 or args.val < 1 or args.size < 16:
         parser.error("--train and --val must be >= 1 and --size >= 16")

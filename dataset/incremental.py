@@ -128,7 +128,7 @@ class DataOptions:
     shapes_val_size: int = 300
     shapes_image_size: int = 64
     shapes_seed: int = 0
-    shapes_version: int = 1
+    shapes_version: int = 2
     num_workers: int = 0
 
     @classmethod

@@ -1,4 +1,5 @@
-"""Generator 1 of the synthetic set (the default, `--shapes_version 1`), generated on the fly.
+"""Generator 1 of the synthetic set (`--shapes_version 1`; generator 2 replaced it as the default),
+generated on the fly.
 
 Why: continual-learning effects (forgetting, what distillation keeps) become visible on a CPU
 in minutes.  The set mirrors VOC where it matters for the protocol: 20 foreground classes, 1-4

@@ -64,7 +64,7 @@ def test_two_processes_match_one(tmp_path):
     assert not torch.allclose(fresh["cls.0.weight"], one["cls.0.weight"])
 
 
-def test_cpu_threads_leave_a_core_per_worker_and_rank(monkeypatch):
+def test_cpu_threads_leave_a_core_to_the_data_pipeline_per_rank(monkeypatch):
     """torch's one-thread-per-core default would oversubscribe data workers and local ranks."""
     import utils.distributed as ud
 
@@ -73,13 +73,14 @@ def test_cpu_threads_leave_a_core_per_worker_and_rank(monkeypatch):
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
         monkeypatch.setattr(ud, "available_cpus", lambda: 8)
-        assert ud.share_cpus(torch.device("cpu"), num_workers=2) == 6
+        assert ud.share_cpus(torch.device("cpu")) == 7
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-        assert ud.share_cpus(torch.device("cpu"), num_workers=1) == 3
-        assert ud.share_cpus(torch.device("cpu"), num_workers=8) == 1  # never below one
+        assert ud.share_cpus(torch.device("cpu")) == 3
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+        assert ud.share_cpus(torch.device("cpu")) == 1  # never below one
         torch.set_num_threads(5)
-        assert ud.share_cpus(torch.device("cuda", 0), num_workers=0) == 5  # the GPU's runs keep torch's
+        assert ud.share_cpus(torch.device("cuda", 0)) == 5  # GPU runs keep torch's choice
         monkeypatch.setenv("OMP_NUM_THREADS", "7")
-        assert ud.share_cpus(torch.device("cpu"), num_workers=0) == 5  # the user's setting wins
+        assert ud.share_cpus(torch.device("cpu")) == 5  # the user's setting wins
     finally:
         torch.set_num_threads(before)

@@ -13,8 +13,8 @@ from segmentation_module import PretrainedWeightsError, make_model, pretrained_p
 from scripts_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-# generator 2's shared settings (the README's proxy command and leaderboard): the demo's network, pool-pretrained
-GENERATOR2 = (ROOT / "scripts" / "proxy_flags.txt").read_text().split()
+# the demo's and the leaderboard's shared settings: generator 2 (the default), the small network, pool-pretrained
+DEMO = (ROOT / "scripts" / "demo_flags.txt").read_text().split()
 
 
 def _script():
@@ -39,8 +39,8 @@ def test_pretraining_is_deterministic_and_learns():
     assert not torch.equal(fresh.body.state_dict()["mod1.conv1.weight"], first["state_dict"]["mod1.conv1.weight"])
 
 
-def test_step0_of_generator2_loads_the_shipped_pool_weights():
-    opts = parse_args(["--dataset", "shapes", "--task", "15-1", *GENERATOR2])
+def test_the_demos_step0_loads_the_shipped_pool_weights():
+    opts = parse_args(["--dataset", "shapes", "--task", "15-1", *DEMO])
     assert not opts.no_pretrained and opts.shapes_version == 2
     path = pretrained_path(opts)
     assert path.parent == ROOT / "pretrained" and path.is_file()

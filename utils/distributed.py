@@ -47,14 +47,15 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def share_cpus(device: torch.device, num_workers: int) -> int:
-    """On the CPU, size torch's thread pool so that this process's threads, its data-loading
-    workers and the other local ranks' fit the cores: torch's default of one thread per core
-    oversubscribes them (2 cores, 1 worker: two epochs of the proxy take 26.4 s with 2 threads,
-    20.8 s with 1).  An explicit OMP_NUM_THREADS wins.  Returns the thread count in use."""
+def share_cpus(device: torch.device) -> int:
+    """On the CPU, one intra-op thread per core of this rank's share but one, which is left to the
+    data pipeline (DataLoader workers, collation): torch's one thread per core oversubscribes the
+    cores (2 cores, 1 worker: two epochs of the demo take 26.4 s with 2 threads, 20.8 s with 1).
+    Not tied to ``--num_workers``: the thread count changes float rounding, and a resume may change
+    the workers.  An explicit OMP_NUM_THREADS wins.  Returns the thread count in use."""
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, available_cpus() // local_ranks - num_workers))
+        torch.set_num_threads(max(1, available_cpus() // local_ranks - 1))
     return torch.get_num_threads()
 
 
