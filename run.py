@@ -52,6 +52,15 @@ def build_model(opts, task: Task, info: DistInfo, pretrained: bool):
     return model
 
 
+def load_step_model(opts, task: Task, path: Path, info: DistInfo):
+    """The model saved in a step checkpoint, the checkpoint checked against ``opts`` and ``task``."""
+    state = checkpoint.load(path)
+    check_checkpoint(state, task, opts, path)
+    model = build_model(opts, task, info, pretrained=False)
+    load_weights(model, state["model"], path)
+    return model
+
+
 # --- one step -----------------------------------------------------------------------------------
 def train_one_step(opts, info: DistInfo, task: Task, index: int, directory: Path, logger: Logger) -> None:
     """Train step ``task.step`` (resuming its epoch checkpoint if there is one) and save it.
@@ -162,11 +171,8 @@ def save_samples(model, dataset, predict, count: int, device, path: Path):
 def test_one_step(opts, info: DistInfo, task: Task, path: Path, logger: Logger, seconds_before: float) -> dict:
     """Reload a saved step checkpoint and evaluate it on every class seen so far (fp32)."""
     timer = Timer()
-    ckpt = checkpoint.load(path)
-    check_checkpoint(ckpt, task, opts, path)
+    model = load_step_model(opts, task, path, info)
     _, _, test_ds = build_datasets(opts, task)
-    model = build_model(opts, task, info, pretrained=False)
-    load_weights(model, ckpt["model"], path)
     method = opts.method_cls(opts, task)
     matrix = evaluate(model, eval_loader(test_ds, opts, info), task.n_seen, method.predict, info.device,
                       channels_last=opts.channels_last)

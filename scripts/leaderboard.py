@@ -3,6 +3,7 @@
     python scripts/leaderboard.py                        # every method; the ranked nine over 3 seeds
     python scripts/leaderboard.py --methods FT MiB PLOP --seeds 42
     python scripts/leaderboard.py --methods MyMethod     # any registered method (README, "Write a method")
+    python scripts/leaderboard.py --variant "PLOP+UNKD=PLOP --unkd --loss_kd 10"   # a method with more flags
 
 Each method runs through ``run.py`` exactly as a user would, with the demo's flags
 (``scripts/demo_flags.txt``).  Step 0 runs once per recipe: methods whose step 0 is plain
@@ -11,7 +12,8 @@ checkpoint, the others train their own (LwF-MC's BCE, EWC/RW/PI statistics, SDR'
 REMINDER's prototypes, DKD's sigmoid head).  Steps 1-5 then run once per seed (``--random_seed``)
 from that checkpoint.  The table gives mean ± sd over seeds, the published VOC 15-1 overlapped
 numbers of each method, and the Spearman rank correlation of the all-class mIoU between the two.
-Runs go ``--jobs`` at a time (a seed as soon as its step-0 run is done), each with its share of
+A ``--variant`` row runs its method with more flags at steps 1-5, from that method's step-0 run
+(an ablation, or a fix behind a flag, beside the preset).  Runs go ``--jobs`` at a time (a seed as soon as its step-0 run is done), each with its share of
 the CPUs, its log in ``OUT/logs/NAME.log`` and its results in ``OUT/results/NAME.jsonl`` (merged
 into ``OUT/results.jsonl``).  Reruns reuse finished steps.
 """
@@ -20,13 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -121,32 +124,67 @@ def seed_name(method: str, seed: int) -> str:
     return f"{method}-seed{seed}"
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A row that runs a registered method with more flags at steps 1..N, from that method's
+    step-0 run: ``--variant "NAME=METHOD FLAG ..."`` (an ablation, or a fix behind a flag)."""
+
+    name: str
+    method: str
+    flags: tuple[str, ...]
+
+
+def is_method(name: str) -> bool:
+    try:
+        canonical(name)
+    except KeyError:
+        return False
+    return True
+
+
+def parse_variant(text: str) -> Variant:
+    name, sep, spec = text.partition("=")
+    words = shlex.split(spec)
+    if not sep or not name.strip() or not words:
+        raise argparse.ArgumentTypeError(f"a variant is NAME=METHOD [FLAG ...], got {text!r}")
+    try:
+        method = canonical(words[0])
+    except KeyError as exc:
+        raise argparse.ArgumentTypeError(exc.args[0]) from None
+    return Variant(name.strip(), method, tuple(words[1:]))
+
+
 @dataclass
 class Job:
-    """One ``run.py`` call: a step-0 run (``after`` None) or a seed's steps 1..N, which starts
-    when the step-0 run named ``after`` has finished."""
+    """One ``run.py`` call: a step-0 run (``after`` None) or a seed's steps 1..N of a table row,
+    which starts when the step-0 run named ``after`` has finished."""
 
     method: str
     name: str
     steps: list[str]
     extra: list[str] = field(default_factory=list)
     after: Optional[str] = None
+    row: Optional[str] = None
 
 
-def plan(chosen: list[str], seeds_of: dict[str, list[int]], logdir: Path, last_step: int = 5) -> list[Job]:
-    """Every run of the table: one step-0 run per recipe, then each method's seeds from it."""
-    jobs = [Job(recipe, recipe, ["0"]) for recipe in dict.fromkeys(step0_recipe(m) for m in chosen)]
-    for method in chosen:
+def plan(chosen: list[str], seeds_of: dict[str, list[int]], logdir: Path, last_step: int = 5,
+         variants: Sequence[Variant] = ()) -> list[Job]:
+    """Every run of the table: one step-0 run per recipe, then each row's seeds from it."""
+    rows = {m: (m, ()) for m in chosen} | {v.name: (v.method, v.flags) for v in variants}
+    jobs = [Job(recipe, recipe, ["0"]) for recipe in dict.fromkeys(step0_recipe(m) for m, _ in rows.values())]
+    for row, (method, flags) in rows.items():
         step0 = run_dir(logdir, step0_recipe(method)) / "step-0.pth"
-        jobs += [Job(method, seed_name(method, seed), [str(s) for s in range(1, last_step + 1)],
-                     ["--step_ckpt", str(step0), "--random_seed", str(seed)], after=step0_recipe(method))
-                 for seed in seeds_of.get(method, [])]
+        jobs += [Job(method, seed_name(row, seed), [str(s) for s in range(1, last_step + 1)],
+                     [*flags, "--step_ckpt", str(step0), "--random_seed", str(seed)], after=step0_recipe(method),
+                     row=row)
+                 for seed in seeds_of.get(row, [])]
     return jobs
 
 
-def runs_of(method: str, jobs: list[Job]) -> list[Job]:
-    """The jobs a method's row rests on: its step-0 recipe's run and its own seeds."""
-    return [j for j in jobs if (j.after is None and j.name == step0_recipe(method)) or (j.after and j.method == method)]
+def runs_of(row: str, jobs: list[Job]) -> list[Job]:
+    """The jobs a row rests on: its own seeds and the step-0 run they start from."""
+    own = [j for j in jobs if j.row == row]
+    return own + [j for j in jobs if j.after is None and j.name in {o.after for o in own}]
 
 
 def command(job: Job, logdir: Path, results: Path, extra: list[str], base: list[str]) -> list[str]:
@@ -206,11 +244,11 @@ def _last_by_step(rows: list[dict], name: str) -> dict[int, dict]:
     return steps
 
 
-def seed_scores(rows: list[dict], method: str, seed: int) -> dict | None:
-    """The last step's scores of one seed, and *avg*: the mean of the per-step mIoU, step 0's
-    taken from the shared step-0 run."""
+def seed_scores(rows: list[dict], method: str, seed: int, recipe: Optional[str] = None) -> dict | None:
+    """The last step's scores of one seed of a row, and *avg*: the mean of the per-step mIoU,
+    step 0's taken from the shared step-0 run (``recipe``, default the method's)."""
     steps = _last_by_step(rows, seed_name(method, seed))
-    step0 = _last_by_step(rows, step0_recipe(method)).get(0)
+    step0 = _last_by_step(rows, recipe or step0_recipe(method)).get(0)
     if not steps or step0 is None:
         return None
     steps[0] = step0
@@ -241,11 +279,13 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
 
 
-def summarise(rows: list[dict], seeds_of: dict[str, list[int]]) -> list[dict]:
-    """One row per method: mean and sd over its seeds of every score, and the published row."""
+def summarise(rows: list[dict], seeds_of: dict[str, list[int]], recipes: Optional[dict[str, str]] = None) -> list[dict]:
+    """One row per method or variant: mean and sd over its seeds of every score, and the
+    published row (``recipes``: the step-0 run of a variant's row)."""
     table = []
     for method, seeds in seeds_of.items():
-        found = [s for s in (seed_scores(rows, method, seed) for seed in seeds) if s is not None]
+        recipe = (recipes or {}).get(method)
+        found = [s for s in (seed_scores(rows, method, seed, recipe) for seed in seeds) if s is not None]
         if not found:
             continue
         row = {"method": method, "seeds": len(found)}
@@ -306,7 +346,11 @@ def launcher(logdir: Path, out: Path, extra: list[str], base: list[str]) -> Call
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=METHODS, help="any registered method (run.py --method)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="any registered method (run.py --method); default: all of them, or none with --variant")
+    p.add_argument("--variant", action="append", type=parse_variant, default=[], metavar='"NAME=METHOD FLAG ..."',
+                   help="a row running METHOD with more flags at steps 1-5 from METHOD's step-0 run, over every "
+                        "seed (repeatable), e.g. --variant \"PLOP+UNKD=PLOP --unkd --loss_kd 10\"")
     p.add_argument("--seeds", nargs="+", type=int, default=SEEDS,
                    help="seeds of steps 1-5 for the ranked and any non-standard method; the others run the first")
     p.add_argument("--last_step", type=int, choices=range(1, 6), default=5,
@@ -323,16 +367,20 @@ def main(argv=None):
     if args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
     try:
-        chosen = [canonical(m) for m in args.methods]
+        chosen = [canonical(m) for m in (args.methods if args.methods is not None else [] if args.variant else METHODS)]
     except KeyError as exc:
         p.error(exc.args[0])
+    for variant in args.variant:
+        if is_method(variant.name):
+            p.error(f"variant name {variant.name} is a method's name; give the variant another one")
     seeds_of = {m: (args.seeds if m in RANKED or m not in METHODS else args.seeds[:1]) for m in chosen}
+    seeds_of |= {v.name: args.seeds for v in args.variant}
     out, logdir = Path(args.out), Path(args.logdir)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = plan(chosen, seeds_of, logdir, args.last_step)
+    jobs = plan(chosen, seeds_of, logdir, args.last_step, args.variant)
     start = time.perf_counter()
     minutes = execute(jobs, args.jobs, launcher(logdir, out, extra, demo_flags(args.flags)))
-    failed = [m for m in chosen if any(j.name not in minutes for j in runs_of(m, jobs))]
+    failed = [m for m in seeds_of if any(j.name not in minutes for j in runs_of(m, jobs))]
     seeds_of = {m: s for m, s in seeds_of.items() if m not in failed}
     if not seeds_of:
         sys.exit("leaderboard: every method failed; nothing to tabulate")
@@ -342,13 +390,15 @@ def main(argv=None):
     first = [r for m in seeds_of for r in rows if r["name"] == seed_name(m, seeds_of[m][0])]
     plot_miou_per_step(first, out / "miou_per_step.png")
     plot_class_iou_heatmap(first, out / "class_iou.png")
-    table = summarise(rows, seeds_of)
+    table = summarise(rows, seeds_of, {v.name: step0_recipe(v.method) for v in args.variant})
     text = markdown(table) + "".join(f"\n{m}: did not finish (left out)" for m in failed)
     (out / "table.md").write_text(text + "\n")
     write_csv(table, out / "table.csv")
     print(text)
-    per_method = {m: sum(minutes.get(j.name, 0) for j in jobs if j.method == m) for m in dict.fromkeys(j.method for j in jobs)}
-    print("run minutes per method: " + ", ".join(f"{m} {v:.1f}" for m, v in per_method.items()))
+    per_row = {}
+    for j in jobs:
+        per_row[j.row or j.name] = per_row.get(j.row or j.name, 0) + minutes.get(j.name, 0)
+    print("run minutes per row (step-0 runs apart): " + ", ".join(f"{m} {v:.1f}" for m, v in per_row.items()))
     print(f"total {(time.perf_counter() - start) / 60:.1f} min wall clock, {args.jobs} at a time")
 
 

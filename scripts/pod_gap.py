@@ -43,12 +43,10 @@ from dataset.tasks import Task  # noqa: E402
 from dataset.transforms import device_batch  # noqa: E402
 from methods.pod import PREPRO, distilled_layers, local_pod_embedding, pod_distance  # noqa: E402
 from modules.norm import is_norm_layer  # noqa: E402
-from utils import checkpoint  # noqa: E402
 from utils.distributed import DistInfo, resolve_device  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
 from utils.modes import eval_mode  # noqa: E402
 from utils.seeding import seed_everything  # noqa: E402
-from utils.step_checkpoint import check_checkpoint, load_weights  # noqa: E402
 
 LAYERS = ["stage 1", "stage 2", "stage 3", "stage 4", "head"]
 
@@ -105,11 +103,7 @@ def main(argv=None) -> None:
 
     task = Task(opts.dataset, opts.task, step)
     path = Path(args.ckpt) if args.ckpt else run_dir(opts) / f"step-{step - 1}.pth"
-    state = checkpoint.load(path)
-    check_checkpoint(state, task.at(step - 1), opts, path)
-    info = DistInfo(device=device)
-    model = run.build_model(opts, task.at(step - 1), info, pretrained=False)
-    load_weights(model, state["model"], path)
+    model = run.load_step_model(opts, task.at(step - 1), path, DistInfo(device=device))
     train_copy = copy.deepcopy(model)
 
     print(f"{path}: POD distance between training-mode and eval-mode maps of the same weights, relative to "

@@ -127,3 +127,28 @@ def test_example_method_on_the_leaderboard(tmp_path):
     assert "| PKD | 1 |" in table
     log = (tmp_path / "runs" / "shapes" / "15-1-ov" / "PKD-seed42" / "log.txt").read_text()
     assert "pkd" in log and "unkd" in log  # the new term trained beside MiB's
+
+
+def test_a_variant_is_its_own_row_from_its_methods_step0(tmp_path, monkeypatch, capsys):
+    """--variant "NAME=METHOD FLAGS": steps 1-5 with the flags, step 0 shared with the method."""
+    lb = _leaderboard()
+    out = tmp_path / "out"
+    calls = []
+
+    def fake_command(job, logdir, results, extra, base):
+        calls.append(job)
+        return [sys.executable, "-c", _FAKE_RUN, str(results), job.name, job.method, *job.steps]
+
+    monkeypatch.setattr(lb, "command", fake_command)
+    lb.main(["--variant", "PLOP+UNKD=PLOP --unkd --loss_kd 10", "--seeds", "42", "1", "--jobs", "2",
+             "--logdir", str(tmp_path / "runs"), "--out", str(out)])
+    assert [j.name for j in calls if j.after is None] == ["FT"]  # PLOP's step 0 is FT's; no other row runs
+    seeds = [j for j in calls if j.after]
+    assert [j.name for j in seeds] == ["PLOP+UNKD-seed42", "PLOP+UNKD-seed1"]
+    assert all(j.method == "PLOP" and j.extra[:3] == ["--unkd", "--loss_kd", "10"] for j in seeds)
+    assert "| PLOP+UNKD | 2 |" in (out / "table.md").read_text()
+    with pytest.raises(SystemExit):
+        lb.main(["--variant", "MiB=PLOP --unkd", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        lb.main(["--variant", "NoMethod", "--out", str(out)])
+    assert "a variant is NAME=METHOD" in capsys.readouterr().err

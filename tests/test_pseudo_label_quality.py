@@ -1,0 +1,52 @@
+"""scripts/pseudo_label_quality.py: PLOP's relabelling scored against the full ground truth."""
+import numpy as np
+import torch
+from torch import nn
+
+from scripts_loader import load_script
+
+
+def _script():
+    return load_script("scripts/pseudo_label_quality.py")
+
+
+def test_outcomes_of_crafted_pixels():
+    script = _script()
+    n_old = 3  # background, 1, 2 are old; 3 is the new class
+    full = torch.tensor([[1, 1, 1, 1, 2, 0, 0, 0, 3, 0]])
+    masked = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 0, 3, 255]])
+    relabelled = torch.tensor([[1, 2, 0, 255, 2, 0, 1, 255, 3, 255]])
+    counts = script.count_outcomes(relabelled, masked, full, n_old)
+    # old pixels: 1->1 and 2->2 right, 1->2 wrong, 1->0 background, 1->255 ignored
+    assert counts["old"].tolist() == [2, 1, 1, 1]
+    # true background: kept, turned into class 1, ignored; the 255-labelled pixel is not counted
+    assert counts["background"].tolist() == [1, 1, 1]
+
+
+class AlwaysBackground(nn.Module):
+    def __init__(self, n_old: int):
+        super().__init__()
+        self.n_old = n_old
+
+    def forward(self, images):
+        logits = torch.zeros(len(images), self.n_old, *images.shape[-2:])
+        logits[:, 0] = 20.0  # certain: entropy far below PLOP's floor
+        return {"logits": logits}
+
+
+def test_a_teacher_that_sees_only_background_leaves_every_old_pixel_background():
+    script = _script()
+    from argparser import parse_args
+    from dataset import build_datasets
+    from dataset.tasks import Task
+
+    opts = parse_args(["--dataset", "shapes", "--method", "PLOP", "--task", "15-1", "--overlap",
+                       "--shapes_train_size", "60", "--shapes_val_size", "20", "--crop_size", "64", "--num_workers", "0"])
+    task = Task("shapes", "15-1", 1)
+    totals = script.quality(opts, task, AlwaysBackground(task.n_old), torch.device("cpu"), batch_size=7)
+    train, _, _ = build_datasets(opts, task)
+    labels = np.stack([train.source.load(int(i))[1] for i in train.indices])  # 64 px: the centre crop is the image
+    old = int(((labels >= 1) & (labels < task.n_old)).sum())
+    background = int((labels == 0).sum())
+    assert totals["old"].tolist() == [0, 0, old, 0] and old > 0
+    assert totals["background"].tolist() == [background, 0, 0]
