@@ -200,30 +200,34 @@ def execute(jobs: list[Job], workers: int, launch: Callable[[Job, int], subproce
     Returns the minutes of every finished job; a failed job, and every job waiting on it, is left
     out (and said so on one line)."""
     pending, running, minutes, failed = list(jobs), {}, {}, set()
-    while pending or running:
-        for job in [j for j in pending if j.after in failed]:
-            pending.remove(job)
-            failed.add(job.name)
-            print(f"{job.name}: not run, its step-0 run {job.after} failed", flush=True)
-        ready = [j for j in pending if j.after is None or j.after in minutes]
-        while ready and len(running) < workers:
-            job = ready.pop(0)
-            pending.remove(job)
-            running[job.name] = (job, launch(job, workers), time.perf_counter())
-            print(f"{job.name}: started (steps {' '.join(job.steps)})", flush=True)
-        if not running:
-            break
-        time.sleep(0.2)
-        for name, (job, proc, start) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[name]
-            if proc.returncode == 0:
-                minutes[name] = (time.perf_counter() - start) / 60
-                print(f"{name}: done in {minutes[name]:.1f} min", flush=True)
-            else:
-                failed.add(name)
-                print(f"{name}: run.py stopped with exit code {proc.returncode} ({last_line(proc)})", flush=True)
+    try:
+        while pending or running:
+            for job in [j for j in pending if j.after in failed]:
+                pending.remove(job)
+                failed.add(job.name)
+                print(f"{job.name}: not run, its step-0 run {job.after} failed", flush=True)
+            ready = [j for j in pending if j.after is None or j.after in minutes]
+            while ready and len(running) < workers:
+                job = ready.pop(0)
+                pending.remove(job)
+                running[job.name] = (job, launch(job, workers), time.perf_counter())
+                print(f"{job.name}: started (steps {' '.join(job.steps)})", flush=True)
+            if not running:
+                break
+            time.sleep(0.2)
+            for name, (job, proc, start) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                if proc.returncode == 0:
+                    minutes[name] = (time.perf_counter() - start) / 60
+                    print(f"{name}: done in {minutes[name]:.1f} min", flush=True)
+                else:
+                    failed.add(name)
+                    print(f"{name}: run.py stopped with exit code {proc.returncode} ({last_line(proc)})", flush=True)
+    finally:  # interrupted: the runs still going stop too (rerunning resumes them)
+        for _, proc, _ in running.values():
+            proc.terminate()
     return minutes
 
 
