@@ -19,7 +19,8 @@ recent_methods.md §6 (what wwwwyw/LSKD computes).  At step > 0, after PLOP's ps
    replaced by that of a GradNorm-like objective (:func:`gradnorm_weight_grad`) and after every
    epoch w <- 9 w / sum(w).
 
-Step 0 trains exactly as PLOP's step 0.  Deviations from the reference, each a fix:
+The masks and MCD live in ``lskd_masks.py``, the weights' objective in ``layer_weights.py``; this
+file composes them into the loss.  Step 0 trains exactly as PLOP's step 0.  Deviations from the reference, each a fix:
 
 * the plain teacher pass is not repeated (the reference ran the teacher on x twice);
 * the GradNorm gradient of w is averaged over ranks (the reference replaced the all-reduced
@@ -38,30 +39,19 @@ import contextlib
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from utils.errors import ConfigError
 
 from . import register
-from .base import IGNORE_INDEX, MethodStateError, StepContext
+from .base import MethodStateError, StepContext
+from .layer_weights import TERMS, gradnorm_weight_grad, mean_gradients, shared_parameters
+from .lskd_masks import DISTANCES, MASK_MODES, blank_regions, context_distance, region_masks
 from .plop import PLOP
 from .pod import distilled_layers, pod_distance
 
-TERMS = ("ce", "mcd", "unkd", "pod_mod2", "pod_mod3", "pod_mod4", "pod_mod5", "pod_head", "pod_logits")
-# GradNorm groups (indices into TERMS) and the shared parameter each term's gradient is read on:
-# the first parameter of the head's last norm layer (``red_bn``) or of a backbone stage.
-GROUP_A = (0, 1, 2, 6, 7, 8)
-GROUP_B = (3, 4, 5)
-SHARED = ("head", "head", "head", "mod2", "mod3", "mod4", "mod5", "head", "head")
-GRADNORM_SCALE = 10.0      # weight of the |G_i - target_i| sums in the reference objective
-MONOTONE_RATIO = 1.25      # beta term: ReLU(1.25 w_{3+j} - w_{4+j}), j = 0..3
 MASKED_FROM_LAYER = 2      # MD masks mod4, mod5, head and logits (layer index >= 2)
 MCD_LAYER = 4              # the head output
-MCD_POOL = 5               # 5x5 average pooling, stride 2, padding 2
-
-DISTANCES = ("cos", "mean_L1")
-MASK_MODES = ("whc", "none", "newnone", "gt", "old", "new")
 
 
 def _mask_distance(text: str) -> str:
@@ -98,175 +88,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--nonnegative_loss_weights", action="store_true",
                    help="deviation: project the learned term weights onto w >= 0 after every update (the "
                         "reference does not; a negative weight makes the student maximise that distance)")
-
-
-# --- masks (MD) ---------------------------------------------------------------------------------
-
-
-def rowwise_quantile(x: Tensor, q: Tensor) -> Tensor:
-    """Per row of x (B, N) its q_b-quantile with linear interpolation (``torch.quantile``)."""
-    ordered = x.sort(dim=1).values
-    position = q.to(x.dtype).clamp(0, 1) * (x.shape[1] - 1)
-    low = position.floor().long()
-    high = position.ceil().long()
-    lo = ordered.gather(1, low[:, None]).squeeze(1)
-    hi = ordered.gather(1, high[:, None]).squeeze(1)
-    return lo + (position - low.to(x.dtype)) * (hi - lo)
-
-
-def region_ratios(labels: Tensor, n_old: int) -> tuple[Tensor, Tensor]:
-    """Per image, the share of old/background pixels (labels < C_old) and of new pixels."""
-    old = (labels < n_old).flatten(1).float().mean(dim=1)
-    new = ((labels >= n_old) & (labels != IGNORE_INDEX)).flatten(1).float().mean(dim=1)
-    return old, new
-
-
-def change_statistics(a: Tensor, c: Tensor, d: Tensor, distance: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """How the teacher's map a changes when the old (c) or new (d) region is blanked.
-
-    Spatial (B, h, w): ``cos`` -- cosine similarity over channels; ``mean_L1`` -- |difference of
-    the channel means|.  Channel (B, C), both distances: |difference of the spatial means|.
-    """
-    if distance == "cos":
-        s_old, s_new = F.cosine_similarity(a, c, dim=1), F.cosine_similarity(a, d, dim=1)
-    else:
-        s_old = (c.mean(dim=1) - a.mean(dim=1)).abs()
-        s_new = (d.mean(dim=1) - a.mean(dim=1)).abs()
-    a_mean = a.mean(dim=(2, 3))
-    return s_old, s_new, (c.mean(dim=(2, 3)) - a_mean).abs(), (d.mean(dim=(2, 3)) - a_mean).abs()
-
-
-def _at_least(x: Tensor, q: Tensor) -> Tensor:
-    """Entries of x (B, ...) >= their image's q-quantile."""
-    return x >= rowwise_quantile(x.flatten(1), q).view(-1, *[1] * (x.dim() - 1))
-
-
-def _at_most(x: Tensor, q: Tensor) -> Tensor:
-    return x <= rowwise_quantile(x.flatten(1), q).view(-1, *[1] * (x.dim() - 1))
-
-
-def region_masks(a: Tensor, c: Optional[Tensor], d: Optional[Tensor], labels: Tensor, n_old: int,
-                 distance: str, mode: str, channels: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """MD masks of one layer: spatial (B, 1, h, w) and, for ``whc`` with ``channels``, (B, C, 1, 1).
-
-    With r_old / r_new the image's old / new pixel shares and Q_r the r-quantile over the map
-    (recent_methods.md §6.2, ``features_distillation``):
-
-    * ``whc``, cos: m = [s_old >= Q_{r_old}] or [s_new <= Q_{r_new}]; mean_L1 (a distance, so
-      inequalities *and* levels swap): m = [s_old <= Q_{r_new}] or [s_new >= Q_{r_old}];
-      channel mask (any distance): [c_old >= Q_{r_old}] or [c_new <= Q_{r_new}];
-    * ``none``: [s_old >= Q_{r_old}] and [s_new <= Q_{r_new}];  ``newnone``: [s_new <= Q_{r_old}];
-    * ``gt``: the new-pixel mask, bilinearly resized to the map;
-    * ``old``: sigmoid(s_old);  ``new``: 1 - sigmoid(s_new)  (soft masks).
-    """
-    if mode == "gt":
-        new = ((labels >= n_old) & (labels != IGNORE_INDEX)).float()[:, None]
-        return F.interpolate(new, size=a.shape[-2:], mode="bilinear", align_corners=False), None
-    s_old, s_new, ch_old, ch_new = change_statistics(a, c, d, distance)
-    r_old, r_new = region_ratios(labels, n_old)
-    if mode == "old":
-        spatial = torch.sigmoid(s_old)
-    elif mode == "new":
-        spatial = 1 - torch.sigmoid(s_new)
-    elif mode == "none":
-        spatial = (_at_least(s_old, r_old) & _at_most(s_new, r_new)).float()
-    elif mode == "newnone":
-        spatial = _at_most(s_new, r_old).float()
-    elif distance == "cos":
-        spatial = (_at_least(s_old, r_old) | _at_most(s_new, r_new)).float()
-    else:
-        spatial = (_at_most(s_old, r_new) | _at_least(s_new, r_old)).float()
-    channel = None
-    if mode == "whc" and channels:
-        channel = (_at_least(ch_old, r_old) | _at_most(ch_new, r_new)).float()[:, :, None, None]
-    return spatial[:, None], channel
-
-
-# --- MCD --------------------------------------------------------------------------------------
-
-
-def context_descriptor(x: Tensor, groups: int) -> Tensor:
-    """Second-order context of a map (reference ``second_order_pooling``), shape (B, D).
-
-    Channels split into ``groups`` groups of k = C // groups (the last C - groups k dropped);
-    5x5 average pooling with stride 2 (zero padding 2, counted); at every location the k x k
-    outer product of the group's channel vector.
-    """
-    b, c = x.shape[:2]
-    k = c // groups
-    pooled = F.avg_pool2d(x[:, : groups * k], MCD_POOL, stride=2, padding=MCD_POOL // 2)
-    g = pooled.view(b, groups, k, *pooled.shape[-2:])
-    return torch.einsum("bgihw,bgjhw->bgijhw", g, g).flatten(1)
-
-
-def context_distance(a: Tensor, b: Tensor, groups: int) -> Tensor:
-    """Per-image ||ctx(a) - ctx(b)||_2 (MCD, before the mean over the batch)."""
-    return (context_descriptor(a, groups) - context_descriptor(b, groups)).norm(dim=1)
-
-
-# --- blanked teacher passes -----------------------------------------------------------------
-
-
-def blank_regions(images: Tensor, labels: Tensor, n_old: int) -> Tensor:
-    """[x with old pixels zeroed; x with new pixels zeroed] stacked on the batch axis (2B, 3, H, W)."""
-    if images.shape[-2:] != labels.shape[-2:]:
-        raise ValueError(f"LSKD blanks image regions by label, but images are {tuple(images.shape[-2:])} "
-                         f"and labels {tuple(labels.shape[-2:])}")
-    old = (labels < n_old)[:, None]
-    new = ((labels >= n_old) & (labels != IGNORE_INDEX))[:, None]
-    zero = images.new_zeros(())
-    return torch.cat([torch.where(old, zero, images), torch.where(new, zero, images)])
-
-
-# --- learned weights (GradNorm-like) --------------------------------------------------------
-
-
-def gradnorm_weight_grad(weights: Tensor, grad_means: Tensor, losses: Tensor, initial: Tensor,
-                         alpha: float, beta: float, gamma: float, new_over_old: float) -> Tensor:
-    """Gradient w.r.t. w of LSKD's weight objective (recent_methods.md §6.2):
-
-        10 sum_{g in A, B} sum_{i in g} |G_i - mean_g(G) r_i^alpha| + gamma |w_0 - (C_new/C_old) w_2|
-        + beta sum_{j=0}^{3} ReLU(1.25 w_{3+j} - w_{4+j}),
-
-    G_i = w_i * mean(dL_i/dtheta_i) (a signed mean, as in the code), r_i = (L_i/L_i(0)) over its
-    group mean, the targets mean_g(G) r^alpha held constant.  A ratio with L_i(0) = 0 is 1.
-    """
-    w = weights.detach().clone().requires_grad_(True)
-    g = w * grad_means
-    ratio = torch.where(initial != 0, losses / initial.where(initial != 0, torch.ones_like(initial)),
-                        torch.ones_like(losses))
-    objective = w.new_zeros(())
-    for group in (GROUP_A, GROUP_B):
-        index = list(group)
-        r = ratio[index] / ratio[index].mean()
-        target = g[index].detach().mean() * r ** alpha
-        objective = objective + GRADNORM_SCALE * (g[index] - target).abs().sum()
-    objective = objective + gamma * (w[0] - new_over_old * w[2]).abs()
-    objective = objective + beta * F.relu(MONOTONE_RATIO * w[3:7] - w[4:8]).sum()
-    return torch.autograd.grad(objective, w)[0]
-
-
-def shared_parameters(model: nn.Module) -> list[Tensor]:
-    """theta_i per term (SHARED): the first parameter of ``head.red_bn`` or of ``body.mod2..5``."""
-    try:
-        found = {"head": next(model.head.red_bn.parameters())}
-        found.update({f"mod{k}": next(getattr(model.body, f"mod{k}").parameters()) for k in range(2, 6)})
-    except (AttributeError, StopIteration):
-        raise RuntimeError("LSKD reads gradients on head.red_bn and body.mod2..mod5; "
-                           "this model has no such layers") from None
-    return [found[name] for name in SHARED]
-
-
-def mean_gradients(losses: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
-    """mean(dL_i/dtheta_i) per term; 0 where L_i does not depend on theta_i (graph kept)."""
-    means = []
-    for loss, param in zip(losses, params, strict=True):
-        if loss.requires_grad:
-            (grad,) = torch.autograd.grad(loss, param, retain_graph=True, allow_unused=True)
-        else:
-            grad = None
-        means.append(grad.float().mean() if grad is not None else param.new_zeros((), dtype=torch.float32))
-    return torch.stack(means)
 
 
 @register("LSKD")

@@ -1,4 +1,4 @@
-"""LSKD (methods/lskd.py): masks, context descriptor, blanking, the learned-weight update, and
+"""LSKD (methods/lskd.py, lskd_masks.py, layer_weights.py): masks, context descriptor, blanking, the learned-weight update, and
 one incremental iteration on a tiny network, against plain loops and hand-derived gradients."""
 import pytest
 import torch
@@ -8,17 +8,9 @@ from torch import nn
 import argparser
 from dataset.tasks import Task
 from methods.base import StepContext
-from methods.lskd import (
-    LSKD,
-    TERMS,
-    blank_regions,
-    context_descriptor,
-    context_distance,
-    gradnorm_weight_grad,
-    region_masks,
-    rowwise_quantile,
-    shared_parameters,
-)
+from methods.layer_weights import TERMS, gradnorm_weight_grad, shared_parameters
+from methods.lskd import LSKD
+from methods.lskd_masks import blank_regions, context_descriptor, context_distance, region_masks, rowwise_quantile
 from segmentation_module import make_model
 from utils.errors import ConfigError
 
