@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -147,6 +148,9 @@ def parse_variant(text: str) -> Variant:
     words = shlex.split(spec)
     if not sep or not name.strip() or not words:
         raise argparse.ArgumentTypeError(f"a variant is NAME=METHOD [FLAG ...], got {text!r}")
+    if not re.fullmatch(r"[\w+.-]+", name.strip()):
+        raise argparse.ArgumentTypeError(f"variant name {name.strip()!r} names run folders: use letters, digits "
+                                         "and + . - _ only")
     try:
         method = canonical(words[0])
     except KeyError as exc:

@@ -152,3 +152,6 @@ def test_a_variant_is_its_own_row_from_its_methods_step0(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit):
         lb.main(["--variant", "NoMethod", "--out", str(out)])
     assert "a variant is NAME=METHOD" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        lb.main(["--variant", "w>=0=LSKD --nonnegative_loss_weights", "--out", str(out)])
+    assert "names run folders" in capsys.readouterr().err
