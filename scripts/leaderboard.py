@@ -47,13 +47,13 @@ RANKED = ["FT", "LwF", "ILT", "MiB", "SDR", "PLOP", "REMINDER", "DKD", "LSKD"]
 SEEDS = [42, 1, 2]
 # Step 0 of these equals FT's step 0 (same loss, same data, same seed).
 SHARES_FT_STEP0 = {"LwF", "ILT", "MiB", "PLOP", "LGKD", "LSKD"}
-# Settings that differ from the demo's, with the reason.
-EXTRA_FLAGS = {
-    # PLOP repo's importance 100 instead of MiB's 500: with MiB's value, 2*lr*500 puts the
-    # penalty's curvature past Nesterov SGD's stability bound and the weights oscillate.
-    "EWC": ["--reg_importance", "100"],
-    "PI": ["--reg_importance", "100"],
-}
+# Weight-space regularisers: the reference's importance at its lr after step 0 (PLOP's repo: 100
+# for EWC and PI, lowered from MiB's 500; RW 100 in both, at lr 0.001 on VOC 15-1).  The penalty's
+# step is lr x importance x curvature, so the importance is scaled by REFERENCE_LR / the shared
+# schedule's lr to keep the reference's product (0.1): at lr 0.01 an importance of 100 puts it past
+# Nesterov SGD's stability bound and the weights diverge (measured: EWC and RW reach inf at step 1).
+REG_IMPORTANCE = {"EWC": 100.0, "RW": 100.0, "PI": 100.0}
+REFERENCE_LR = 0.001
 # DKD trains head and classifiers at 10x the base lr (recent_methods.md §5.3); its reference uses a
 # 10x lower base lr than MiB/PLOP, so it gets the demo's lrs divided by 10.
 LR_DIVISOR = {"DKD": 10, "DKD-M": 10}
@@ -86,7 +86,7 @@ def canonical(name: str) -> str:
 
 METHODS, RANKED = [canonical(m) for m in METHODS], [canonical(m) for m in RANKED]
 SHARES_FT_STEP0 = {canonical(m) for m in SHARES_FT_STEP0}
-EXTRA_FLAGS = {canonical(m): v for m, v in EXTRA_FLAGS.items()}
+REG_IMPORTANCE = {canonical(m): v for m, v in REG_IMPORTANCE.items()}
 LR_DIVISOR = {canonical(m): v for m, v in LR_DIVISOR.items()}
 PUBLISHED = {canonical(m): v for m, v in PUBLISHED.items()}
 
@@ -106,7 +106,10 @@ def _flag_values(flags: list[str], name: str) -> list[str]:
 
 
 def method_flags(method: str, base: list[str]) -> list[str]:
-    flags = list(EXTRA_FLAGS.get(method, []))
+    flags = []
+    if method in REG_IMPORTANCE:
+        incremental_lr = float(_flag_values(base, "--lr")[-1])
+        flags += ["--reg_importance", f"{REG_IMPORTANCE[method] * REFERENCE_LR / incremental_lr:g}"]
     if method in LR_DIVISOR:
         flags += ["--lr", *(f"{float(v) / LR_DIVISOR[method]:g}" for v in _flag_values(base, "--lr"))]
     return flags

@@ -56,6 +56,9 @@ def test_shared_settings_come_from_the_flags_file(tmp_path):
     assert base == ["--shapes_version", "2", "--epochs", "8", "10", "--lr", "0.1", "0.01"]
     assert lb.method_flags("DKD", base) == ["--lr", "0.01", "0.001"]
     assert lb.method_flags("MiB", base) == []
+    # regularisers keep the reference's lr x importance (0.001 x 100) at the shared lr after step 0
+    assert lb.method_flags("EWC", base) == ["--reg_importance", "10"]
+    assert lb.method_flags("RW", lb.demo_flags(flags)[:-1] + ["0.002"]) == ["--reg_importance", "50"]
     assert lb.demo_flags() == (ROOT / "scripts" / "demo_flags.txt").read_text().split()
     # tables are keyed by the registry's spelling: LwF (registered as LWF) shares FT's step 0, has a VOC row
     assert lb.step0_recipe(lb.canonical("LwF")) == "FT" and lb.PUBLISHED[lb.canonical("LwF")][2] == 1.8
