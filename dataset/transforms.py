@@ -24,9 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .presence import IGNORE_LABEL
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE_LABEL = 255
 
 Pair = tuple[np.ndarray, np.ndarray]
 PairTransform = Callable[[np.ndarray, np.ndarray], Pair]

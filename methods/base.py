@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_INDEX = 255
+from dataset.presence import IGNORE_LABEL as IGNORE_INDEX  # the label every loss skips
 
 
 @dataclass

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import register
+from .base import IGNORE_INDEX
 from .plop import PLOP
 
-IGNORE = 255
 
 # Per-setting (prev_kd, novel_kd) of the LGKD scripts (§4.3); other settings get the reference
 # argparser defaults.  The synthetic set mirrors VOC's splits, so it takes VOC's values.
@@ -65,7 +65,7 @@ def label_guided_kd(logits_small: Tensor, teacher_small: Tensor, labels: Tensor,
     logits_small, teacher_small = logits_small.float(), teacher_small.float()
     n_old = teacher_small.shape[1]
     y = F.interpolate(labels.unsqueeze(1).float(), size=logits_small.shape[-2:], mode="nearest").squeeze(1).long()
-    valid = y != IGNORE
+    valid = y != IGNORE_INDEX
     novel = valid & (y >= n_old)
     log_p = torch.log_softmax(logits_small, dim=1)
     q = torch.softmax(alpha * teacher_small, dim=1)

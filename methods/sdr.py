@@ -45,10 +45,9 @@ from torch import Tensor
 from utils.errors import ConfigError
 
 from . import register
-from .base import MethodStateError, StepContext
+from .base import IGNORE_INDEX, MethodStateError, StepContext
 from .classic import ClassicMethod
 
-IGNORE = 255
 EPS = 1e-15  # the reference's epsilon of the sparsification ratio
 
 
@@ -110,7 +109,7 @@ def class_statistics(features: Tensor, labels: Tensor, classes: Tensor, prototyp
             sq = torch.stack([(r - prototypes[cl]).pow(2).sum() for r, cl in zip(rows, classes)]) if rows \
                 else features.new_zeros(0)
         return sums, counts, sq
-    slot = torch.full((IGNORE + 1,), -1, dtype=torch.long, device=labels.device)  # label -> position in classes
+    slot = torch.full((IGNORE_INDEX + 1,), -1, dtype=torch.long, device=labels.device)  # label -> position in classes
     slot[classes] = torch.arange(k, device=labels.device)
     pixel_slot = slot[labels.reshape(-1)]
     keep = pixel_slot >= 0
@@ -131,7 +130,7 @@ def classes_present(labels: Tensor, drop_background: bool, quirks: bool = False)
     With ``quirks`` the *first* value present is dropped instead of 0, as the reference does.
     """
     present = torch.unique(labels)
-    present = present[present != IGNORE]
+    present = present[present != IGNORE_INDEX]
     if drop_background:
         present = present[1:] if quirks else present[present != 0]
     return present
@@ -193,7 +192,7 @@ def _max_masked_for_class(features: Tensor, labels_down: Tensor) -> Tensor:
     """Divide each pixel by the largest activation (all pixels, all channels) of its label value."""
     flat = labels_down.reshape(-1)
     pixel_max = features.amax(dim=1).reshape(-1)
-    group_max = pixel_max.new_zeros(IGNORE + 1).scatter_reduce(0, flat, pixel_max, "amax", include_self=False)
+    group_max = pixel_max.new_zeros(IGNORE_INDEX + 1).scatter_reduce(0, flat, pixel_max, "amax", include_self=False)
     return features / (group_max[labels_down].unsqueeze(1) + EPS)
 
 

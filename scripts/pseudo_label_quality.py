@@ -30,11 +30,11 @@ from argparser import parse_args, run_dir  # noqa: E402
 from dataset import build_datasets  # noqa: E402
 from dataset.tasks import Task  # noqa: E402
 from dataset.transforms import device_batch, image_tensor, remap_label  # noqa: E402
+from methods.base import IGNORE_INDEX  # noqa: E402
 from methods.pseudo import entropy_thresholds, pseudo_label  # noqa: E402
 from utils.distributed import DistInfo, resolve_device  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
 
-IGNORE = 255
 OUTCOMES = {"old": ("its class", "another old class", "background", "ignored"),
             "background": ("background", "an old class", "ignored")}
 
@@ -60,10 +60,10 @@ def count_outcomes(relabelled, masked, full, n_old: int) -> dict[str, torch.Tens
     return {
         "old": torch.stack([(old & (relabelled == full)).sum(),
                             (old & (relabelled >= 1) & (relabelled < n_old) & (relabelled != full)).sum(),
-                            (old & (relabelled == 0)).sum(), (old & (relabelled == IGNORE)).sum()]),
+                            (old & (relabelled == 0)).sum(), (old & (relabelled == IGNORE_INDEX)).sum()]),
         "background": torch.stack([(true_background & (relabelled == 0)).sum(),
                                    (true_background & (relabelled >= 1) & (relabelled < n_old)).sum(),
-                                   (true_background & (relabelled == IGNORE)).sum()]),
+                                   (true_background & (relabelled == IGNORE_INDEX)).sum()]),
     }
 
 
