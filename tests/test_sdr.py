@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from dataset.tasks import Task
-from methods import MethodStateError, StepContext, classic, sdr
+from methods import MethodStateError, StepContext, classic, sdr, sdr_terms
 from gloo import run_on_gloo
 
 
@@ -43,14 +43,14 @@ LABELS = torch.tensor([[[0, 1, 1, 255], [2, 2, 0, 1]], [[2, 0, 0, 1], [255, 2, 2
 
 def test_downsample_labels_is_nearest():
     labels = torch.arange(16).view(1, 4, 4)
-    assert sdr.downsample_labels(labels, (2, 2)).tolist() == [[[0, 2], [8, 10]]]
+    assert sdr_terms.downsample_labels(labels, (2, 2)).tolist() == [[[0, 2], [8, 10]]]
 
 
 def test_class_statistics_match_loops():
     f = _rand(2, 3, 2, 4)
     protos = _rand(3, 3, seed=1)
     classes = torch.tensor([0, 2])
-    sums, counts, sq = sdr.class_statistics(f, LABELS, classes, protos)
+    sums, counts, sq = sdr_terms.class_statistics(f, LABELS, classes, protos)
     for k, c in enumerate(classes.tolist()):
         rows = _pixels_of(f, LABELS, c)
         torch.testing.assert_close(sums[k], torch.stack(rows).sum(0))
@@ -62,15 +62,15 @@ def test_reference_gather_scrambles_batches_but_not_a_single_image():
     f = _rand(2, 3, 2, 4)
     mask = LABELS == 2
     intended = torch.stack(_pixels_of(f, LABELS, 2))
-    one = sdr.reference_class_rows(f[:1], mask[:1], channels_first=True)
+    one = sdr_terms.reference_class_rows(f[:1], mask[:1], channels_first=True)
     torch.testing.assert_close(one, torch.stack(_pixels_of(f[:1], LABELS[:1], 2)))
-    scrambled = sdr.reference_class_rows(f, mask, channels_first=True)
+    scrambled = sdr_terms.reference_class_rows(f, mask, channels_first=True)
     assert scrambled.shape == intended.shape and not torch.allclose(scrambled, intended)
     # what the reference reads: values listed image by image, channel by channel, then cut in C rows
     values = [f[i, ch, y, x] for i in range(2) for ch in range(3) for y in range(2) for x in range(4) if mask[i, y, x]]
     n = len(values) // 3
     torch.testing.assert_close(scrambled, torch.tensor(values).view(3, n).t())
-    torch.testing.assert_close(sdr.reference_class_rows(f, mask, channels_first=False), torch.tensor(values).view(n, 3))
+    torch.testing.assert_close(sdr_terms.reference_class_rows(f, mask, channels_first=False), torch.tensor(values).view(n, 3))
 
 
 def test_running_means_over_two_batches():
@@ -146,11 +146,11 @@ def test_prototype_matching_matches_loops():
     per_class = {c: _pixels_of(f, pseudo, c) for c in (3, 5)}
     expected_sum_after = sum(float(((torch.stack(r).mean(0) - protos[c]) ** 2).mean())
                              for c, r in per_class.items()) / 2
-    got = sdr.prototype_matching(f, labels, teacher_logits, protos, sum_after=True)
+    got = sdr_terms.prototype_matching(f, labels, teacher_logits, protos, sum_after=True)
     assert got.item() == pytest.approx(expected_sum_after, rel=1e-5)
     pixels = [(r, c) for c, rows in per_class.items() for r in rows]
     expected_pixel = sum(float(((r - protos[c]) ** 2).mean()) for r, c in pixels) / len(pixels)
-    got = sdr.prototype_matching(f, labels, teacher_logits, protos, sum_after=False)
+    got = sdr_terms.prototype_matching(f, labels, teacher_logits, protos, sum_after=False)
     assert got.item() == pytest.approx(expected_pixel, rel=1e-5)
 
 
@@ -158,23 +158,23 @@ def test_feature_clustering_and_separation_match_loops():
     f = _rand(2, 3, 2, 4)
     protos = _rand(3, 3, seed=1)
     classes = torch.tensor([0, 1, 2])
-    sums, counts, sq = sdr.class_statistics(f, LABELS, classes, protos)
+    sums, counts, sq = sdr_terms.class_statistics(f, LABELS, classes, protos)
     mse = [float(torch.stack([((r - protos[c]) ** 2).mean() for r in _pixels_of(f, LABELS, c)]).mean())
            for c in range(3)]
-    assert sdr.feature_clustering(sums, counts, sq, 3).item() == pytest.approx(sum(mse) / 3, rel=1e-5)
+    assert sdr_terms.feature_clustering(sums, counts, sq, 3).item() == pytest.approx(sum(mse) / 3, rel=1e-5)
     loop = 0.0
     for m in mse:  # the reference's loop, division inside
         loop = (loop + m) / 3
-    assert sdr.feature_clustering(sums, counts, sq, 3, quirks=True).item() == pytest.approx(loop, rel=1e-5)
+    assert sdr_terms.feature_clustering(sums, counts, sq, 3, quirks=True).item() == pytest.approx(loop, rel=1e-5)
     means = [torch.stack(_pixels_of(f, LABELS, c)).mean(0) for c in range(3)]
     inv = [1 / float((means[a] - means[b]).norm()) for a in range(3) for b in range(3) if a != b]
-    assert sdr.cluster_separation(sums, counts).item() == pytest.approx(sum(inv) / len(inv), rel=1e-5)
-    assert sdr.cluster_separation(sums[:1], counts[:1]).item() == 0.0  # a single class: nothing finite
+    assert sdr_terms.cluster_separation(sums, counts).item() == pytest.approx(sum(inv) / len(inv), rel=1e-5)
+    assert sdr_terms.cluster_separation(sums[:1], counts[:1]).item() == 0.0  # a single class: nothing finite
 
 
 def test_feature_sparsification_matches_loops():
     f = _rand(2, 3, 2, 4) + 0.1
-    got = sdr.feature_sparsification(f, LABELS, "max_maskedforclass", "exponential")
+    got = sdr_terms.feature_sparsification(f, LABELS, "max_maskedforclass", "exponential")
     group_max = {c: max(float(v.max()) for v in _pixels_of(f, LABELS, c)) for c in (0, 1, 2, 255)}
     total = 0.0
     for i in range(2):
@@ -183,7 +183,7 @@ def test_feature_sparsification_matches_loops():
                 v = f[i, :, y, x] / (group_max[int(LABELS[i, y, x])] + 1e-15)
                 total += float(v.exp().sum() / (v.sum() + 1e-15))
     assert got.item() == pytest.approx(total / 16, rel=1e-5)
-    got = sdr.feature_sparsification(f, LABELS, "L1", "squared")
+    got = sdr_terms.feature_sparsification(f, LABELS, "L1", "squared")
     v = f / f.sum(1, keepdim=True)
     assert got.item() == pytest.approx(float(((v ** 2).sum(1) / v.sum(1)).mean()), rel=1e-5)
 
@@ -211,11 +211,11 @@ def test_step1_terms_and_weights():
     torch.testing.assert_close(method.prototypes[16], torch.stack(_pixels_of(f, labels, 16)).mean(0))
     protos = method.prototypes.clone()
     classes = torch.tensor([0, 16, 17])  # L_fc includes background by default
-    sums, counts, sq = sdr.class_statistics(f, labels, classes, protos)
-    assert terms["fc"].item() == pytest.approx(1e-3 * sdr.feature_clustering(sums, counts, sq, 3).item(), rel=1e-6)
+    sums, counts, sq = sdr_terms.class_statistics(f, labels, classes, protos)
+    assert terms["fc"].item() == pytest.approx(1e-3 * sdr_terms.feature_clustering(sums, counts, sq, 3).item(), rel=1e-6)
     no_bg = _step1_method(lfc_nobgr=True).loss({"label": labels}, student, teacher)
-    sums, counts, sq = sdr.class_statistics(f, labels, classes[1:], protos)
-    assert no_bg["fc"].item() == pytest.approx(1e-3 * sdr.feature_clustering(sums, counts, sq, 3).item(), rel=1e-6)
+    sums, counts, sq = sdr_terms.class_statistics(f, labels, classes[1:], protos)
+    assert no_bg["fc"].item() == pytest.approx(1e-3 * sdr_terms.feature_clustering(sums, counts, sq, 3).item(), rel=1e-6)
 
 
 def test_state_round_trip_and_missing_prototypes():
