@@ -21,6 +21,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import run  # noqa: E402  (its user errors)
 from argparser import parse_args  # noqa: E402
 from dataset import build_datasets  # noqa: E402
 from dataset.tasks import Task  # noqa: E402
@@ -54,4 +55,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except run.USER_ERRORS as exc:  # a missing checkpoint or data root, a wrong step: one line
+        print(f"error: {run.one_line(exc)}", file=sys.stderr)
+        sys.exit(2)

@@ -50,3 +50,21 @@ def test_a_teacher_that_sees_only_background_leaves_every_old_pixel_background()
     background = int((labels == 0).sum())
     assert totals["old"].tolist() == [0, 0, old, 0] and old > 0
     assert totals["background"].tolist() == [background, 0, 0]
+
+
+def test_bad_inputs_are_one_line_with_exit_code_2(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cases = [(["scripts/pseudo_label_quality.py", "--dataset", "shapes", "--task", "15-1", "--step", "1",
+               "--ckpt", str(tmp_path / "missing.pth")], "does not exist"),
+             (["scripts/pseudo_label_quality.py", "--dataset", "shapes", "--task", "15-1", "--step", "0"],
+              "pass --step t with t >= 1"),
+             (["scripts/resolution_ceiling.py", "--dataset", "voc", "--data_root", str(tmp_path / "none")],
+              "data root")]
+    for argv, message in cases:
+        proc = subprocess.run([sys.executable, *argv], cwd=root, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
