@@ -377,6 +377,8 @@ def main(argv=None):
     args, extra = p.parse_known_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
+    if not args.flags.is_file():
+        p.error(f"--flags {args.flags} is not a file; give a file of run.py flags, e.g. scripts/demo_flags.txt")
     try:
         chosen = [canonical(m) for m in (args.methods if args.methods is not None else [] if args.variant else METHODS)]
     except KeyError as exc:

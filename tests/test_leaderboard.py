@@ -158,3 +158,6 @@ def test_a_variant_is_its_own_row_from_its_methods_step0(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit):
         lb.main(["--variant", "w>=0=LSKD --nonnegative_loss_weights", "--out", str(out)])
     assert "names run folders" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        lb.main(["--methods", "FT", "--flags", str(tmp_path / "missing.txt"), "--out", str(out)])
+    assert "is not a file" in capsys.readouterr().err
