@@ -41,6 +41,15 @@ from utils.step_checkpoint import (check_checkpoint, epoch_checkpoint, load_weig
 USER_ERRORS = (UserError, TaskError, DataError, PretrainedWeightsError, MethodStateError)
 
 
+def script_main(main) -> None:
+    """Run a script's ``main`` as run.py runs its own: a user error is one line and exit code 2."""
+    try:
+        main()
+    except USER_ERRORS as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_model(opts, task: Task, info: DistInfo, pretrained: bool):
     group = torch.distributed.group.WORLD if info.enabled else None
     if not pretrained:

@@ -139,8 +139,4 @@ def gap_row(model, train_copy, dataset, batch_size: int, batches: int, opts, dev
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except run.USER_ERRORS as exc:
-        print(f"error: {run.one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
+    run.script_main(main)

@@ -101,8 +101,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except run.USER_ERRORS as exc:  # a missing checkpoint or data root, a wrong step: one line
-        print(f"error: {run.one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
+    run.script_main(main)
