@@ -12,8 +12,8 @@ last map is 2x2, did not (README, "Step 0: below VOC's range": step 0 reached 21
 weights, 13.4 % from scratch, 41.5 % from dense pool weights), so the pool is learned densely.  Writes
 ``pretrained/shapes_<backbone>_w<width>_<norm_act>.pth.tar`` in the ImageNet file's format (a
 ``state_dict`` with the body's keys and ``classifier.fc.*``, which the loader drops), which step 0
-of every ``--dataset shapes`` run loads by default.  The same command on the same torch build and
-thread count writes the same bytes (``--threads``, default 2).
+of every ``--dataset shapes`` run loads by default.  The same command on the same torch build,
+thread count (``--threads``, default 2) and CPU writes the same bytes, whatever ``--out`` names.
 """
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ from dataset.transforms import device_batch  # noqa: E402
 from metrics.confusion import ConfusionMatrix  # noqa: E402
 from models.resnet import build_backbone  # noqa: E402
 from modules.norm import make_norm_act  # noqa: E402
+import run  # noqa: E402  (its user errors)
 from segmentation_module import shapes_pretrained_file  # noqa: E402
+from utils.checkpoint import save_atomic  # noqa: E402
 
 
 class PoolSegmenter(nn.Module):
@@ -110,7 +112,7 @@ def pretrain(backbone: str = "resnet18", width: float = 0.25, norm_act: str = "a
             f"pool validation mIoU {100 * pool_miou(model, val_x, val_y):.2f} %")
     meta = {"backbone": backbone, "width": width, "norm_act": norm_act, "output_stride": output_stride,
             "images": images, "epochs": epochs, "batch_size": batch_size, "lr": lr, "size": size, "seed": seed,
-            "categories": len(POOL), "val_miou": pool_miou(model, val_x, val_y), "torch": torch.__version__,
+            "categories": len(POOL), "val_miou": pool_miou(model, val_x, val_y), "torch": str(torch.__version__),
             "threads": torch.get_num_threads()}
     state = dict(model.body.state_dict())
     state.update({f"classifier.fc.{k}": v for k, v in model.classifier.fc.state_dict().items()})
@@ -136,10 +138,7 @@ def main(argv=None) -> int:
     ckpt, meta = pretrain(args.backbone, args.width, args.norm_act, args.output_stride, args.images, args.epochs,
                           args.batch_size, args.lr, seed=args.seed)
     out = args.out or shapes_pretrained_file(args.backbone, args.width, args.norm_act)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(out)
+    save_atomic(ckpt, out)  # through a file object: the bytes do not depend on the file's name
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, sha256 {digest}) in {time.perf_counter() - start:.0f} s; "
           f"pool validation mIoU {100 * meta['val_miou']:.2f} %")
@@ -147,4 +146,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run.script_main(main)

@@ -2,6 +2,8 @@
 loads by default, and that file is the one shipped in pretrained/."""
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,30 @@ def test_missing_pool_weights_name_the_script():
     opts = parse_args(["--dataset", "shapes", "--backbone", "resnet34", "--width", "0.5", "--norm_act", "abn"])
     with pytest.raises(PretrainedWeightsError, match="scripts/pretrain_shapes.py --backbone resnet34 --width 0.5"):
         make_model(opts, [16])
+
+
+def test_written_bytes_do_not_depend_on_the_file_name(tmp_path, capsys):
+    """The sha256 the script prints is the file's, and a rerun to another path prints the same one,
+    so a user can check the shipped file without overwriting it (torch.save to a path would name
+    the archive after the file)."""
+    script = _script()
+    args = ["--images", "16", "--epochs", "1", "--width", "0.125", "--threads", str(torch.get_num_threads())]
+    first, second = tmp_path / "a.pth.tar", tmp_path / "sub" / "other-name.tar"
+    assert script.main([*args, "--out", str(first)]) == 0
+    assert script.main([*args, "--out", str(second)]) == 0
+    digests = re.findall(r"sha256 ([0-9a-f]{64})", capsys.readouterr().out)
+    assert digests == [_sha256(first)] * 2 and first.read_bytes() == second.read_bytes()
+    ckpt = torch.load(first, map_location="cpu", weights_only=True)  # plain tensors and values only
+    assert ckpt["meta"]["epochs"] == 1 and ckpt["meta"]["torch"] == str(torch.__version__)
+
+
+def test_the_shipped_file_is_the_one_pretrained_readme_names():
+    shipped = ROOT / "pretrained" / "shapes_resnet18_w0.25_abn.pth.tar"
+    named = re.findall(r"`([0-9a-f]{64})`", (ROOT / "pretrained" / "README.md").read_text())
+    assert named == [_sha256(shipped)]
+    meta = torch.load(shipped, map_location="cpu", weights_only=True)["meta"]
+    assert (meta["epochs"], meta["threads"], meta["torch"]) == (10, 2, "2.13.0+cpu")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
