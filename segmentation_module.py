@@ -18,7 +18,7 @@ from models.resnet import build_backbone, scale_channels
 from modules.deeplab import DeeplabV3
 from modules.dkd_head import DKDHead, dkd_classifier_forward
 from modules.norm import freeze_norm_layers, make_norm_act
-from utils.checkpoint import strip_module_prefix
+from utils.checkpoint import DIGEST_KEY, content_digest, strip_module_prefix
 from utils.errors import UserError
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
@@ -151,12 +151,17 @@ def _torch_load(path: Path) -> Any:
 
 def read_pretrained(path: Path) -> dict[str, Tensor]:
     """Body weights of an ImageNet checkpoint: ``['state_dict']`` if present, ``module.`` prefixes
-    stripped where present (PLOP strips 7 characters blindly), ImageNet classifier dropped."""
+    stripped where present (PLOP strips 7 characters blindly), ImageNet classifier dropped.
+    Files this tool wrote (``scripts/pretrain_shapes.py``) carry a content digest, checked here."""
     try:
         ckpt = _torch_load(path)
     except Exception as exc:
         raise PretrainedWeightsError(f"ImageNet weights {path} cannot be read ({type(exc).__name__}); "
                                      "download the file again or pass --no_pretrained") from None
+    if isinstance(ckpt, dict) and DIGEST_KEY in ckpt and content_digest(ckpt) != ckpt[DIGEST_KEY]:
+        raise PretrainedWeightsError(f"pretrained weights {path} are damaged (their content does not match their "
+                                     "digest); restore the file (git checkout, or rewrite it with "
+                                     "scripts/pretrain_shapes.py) or pass --no_pretrained")
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise PretrainedWeightsError(f"{path} holds no state dict; expected a checkpoint with a 'state_dict' entry")

@@ -84,3 +84,14 @@ def test_the_shipped_file_is_the_one_pretrained_readme_names():
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_damaged_pool_weights_fail_with_one_line(tmp_path):
+    shipped = torch.load(ROOT / "pretrained" / "shapes_resnet18_w0.25_abn.pth.tar", map_location="cpu",
+                         weights_only=True)
+    damaged = tmp_path / "damaged.pth.tar"
+    shipped["state_dict"]["mod1.conv1.weight"].view(-1)[0] += 1.0  # one weight off, digest kept
+    torch.save(shipped, damaged)
+    with pytest.raises(PretrainedWeightsError, match=r"damaged .*digest.*--no_pretrained") as info:
+        read_pretrained(damaged)
+    assert "\n" not in str(info.value)
