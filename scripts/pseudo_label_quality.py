@@ -12,7 +12,7 @@ ignored.  Thresholds are computed as PLOP computes them, over the step's trainin
 centre-cropped, without the random crops of training).
 
     python scripts/pseudo_label_quality.py --dataset shapes $(cat scripts/demo_flags.txt) \\
-        --task 15-1 --overlap --step 1 --ckpt runs/shapes/15-1-ov/FT/step-0.pth
+        --task 15-1 --overlap --step 1 --ckpt runs/shapes/15-1-ov/FT/step-0.pth [--per_class]
 """
 from __future__ import annotations
 
@@ -53,17 +53,24 @@ def batches(train, evaluate, batch_size: int, device):
 
 
 def count_outcomes(relabelled, masked, full, n_old: int) -> dict[str, torch.Tensor]:
-    """Pixel counts of each outcome (OUTCOMES) among the background-labelled pixels."""
+    """Pixel counts of each outcome (OUTCOMES) among the background-labelled pixels; ``per_class``
+    holds the old-class outcomes per true class (row c: class c's pixels, row 0 empty)."""
     background = masked == 0
     old = background & (full >= 1) & (full < n_old)
     true_background = background & (full == 0)
+    outcome = torch.full_like(full, -1)  # the OUTCOMES["old"] index of each old pixel
+    outcome[(relabelled >= 1) & (relabelled < n_old)] = 1
+    outcome[relabelled == full] = 0
+    outcome[relabelled == 0] = 2
+    outcome[relabelled == IGNORE_INDEX] = 3
+    counted = old & (outcome >= 0)
+    per_class = torch.bincount(full[counted] * 4 + outcome[counted], minlength=n_old * 4).view(n_old, 4)
     return {
-        "old": torch.stack([(old & (relabelled == full)).sum(),
-                            (old & (relabelled >= 1) & (relabelled < n_old) & (relabelled != full)).sum(),
-                            (old & (relabelled == 0)).sum(), (old & (relabelled == IGNORE_INDEX)).sum()]),
+        "old": per_class.sum(0),
         "background": torch.stack([(true_background & (relabelled == 0)).sum(),
                                    (true_background & (relabelled >= 1) & (relabelled < n_old)).sum(),
                                    (true_background & (relabelled == IGNORE_INDEX)).sum()]),
+        "per_class": per_class,
     }
 
 
@@ -83,6 +90,7 @@ def quality(opts, task: Task, teacher, device, batch_size: int = 32) -> dict[str
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default=None, help="step t-1 checkpoint (default: the run's step-{t-1}.pth)")
+    parser.add_argument("--per_class", action="store_true", help="also the old-class outcomes of each old class")
     args, run_argv = parser.parse_known_args(argv)
     opts = parse_args(["--method", "PLOP", *run_argv])
     if len(opts.step) != 1 or opts.step[0] < 1:
@@ -95,9 +103,17 @@ def main(argv=None) -> None:
     print(f"step {step} training images, teacher {path} (thresholds: {opts.pseudo_median} median, "
           f"floor {opts.threshold}):")
     for kind, names in OUTCOMES.items():
-        counts = totals[kind].double()
-        shares = ", ".join(f"{100 * c / counts.sum():.1f} % {name}" for c, name in zip(counts.tolist(), names))
-        print(f"  {kind} pixels labelled background ({int(counts.sum())}): {shares}")
+        print(f"  {kind} pixels labelled background {shares(totals[kind], names)}")
+    if args.per_class:
+        for c, counts in enumerate(totals["per_class"].tolist()[1:], start=1):
+            print(f"    class {c:3d} {shares(torch.tensor(counts), OUTCOMES['old'])}")
+
+
+def shares(counts: torch.Tensor, names) -> str:
+    """'(N): x % name, ...' of an outcome count vector."""
+    total = int(counts.sum())
+    parts = ", ".join(f"{100 * c / max(total, 1):.1f} % {name}" for c, name in zip(counts.tolist(), names))
+    return f"({total}): {parts}"
 
 
 if __name__ == "__main__":

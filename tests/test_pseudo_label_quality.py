@@ -21,6 +21,8 @@ def test_outcomes_of_crafted_pixels():
     assert counts["old"].tolist() == [2, 1, 1, 1]
     # true background: kept, turned into class 1, ignored; the 255-labelled pixel is not counted
     assert counts["background"].tolist() == [1, 1, 1]
+    # the same old pixels per true class: class 1 has one of each outcome, class 2 one right
+    assert counts["per_class"].tolist() == [[0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
 
 
 class AlwaysBackground(nn.Module):
@@ -49,6 +51,8 @@ def test_a_teacher_that_sees_only_background_leaves_every_old_pixel_background()
     old = int(((labels >= 1) & (labels < task.n_old)).sum())
     background = int((labels == 0).sum())
     assert totals["old"].tolist() == [0, 0, old, 0] and old > 0
+    per_class = [int(((labels == c)).sum()) for c in range(task.n_old)]
+    assert totals["per_class"][:, 2].tolist() == [0, *per_class[1:]]  # every class's pixels stay background
     assert totals["background"].tolist() == [background, 0, 0]
 
 
