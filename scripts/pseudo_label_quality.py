@@ -105,8 +105,8 @@ def main(argv=None) -> None:
     for kind, names in OUTCOMES.items():
         print(f"  {kind} pixels labelled background {shares(totals[kind], names)}")
     if args.per_class:
-        for c, counts in enumerate(totals["per_class"].tolist()[1:], start=1):
-            print(f"    class {c:3d} {shares(torch.tensor(counts), OUTCOMES['old'])}")
+        for c, counts in enumerate(totals["per_class"][1:], start=1):
+            print(f"    class {c:3d} {shares(counts, OUTCOMES['old'])}")
 
 
 def shares(counts: torch.Tensor, names) -> str:

@@ -23,6 +23,10 @@ def _script():
     return load_script("scripts/pretrain_shapes.py")
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_pretraining_is_deterministic_and_learns():
     script = _script()
     kwargs = dict(width=0.125, images=96, epochs=2, batch_size=16, lr=0.05, val_images=16, log=lambda _: None)
@@ -80,10 +84,6 @@ def test_the_shipped_file_is_the_one_pretrained_readme_names():
     assert named == [_sha256(shipped)]
     meta = torch.load(shipped, map_location="cpu", weights_only=True)["meta"]
     assert (meta["epochs"], meta["threads"], meta["torch"]) == (10, 2, "2.13.0+cpu")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_damaged_pool_weights_fail_with_one_line(tmp_path):
