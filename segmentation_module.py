@@ -26,7 +26,7 @@ HEAD_CHANNELS = 256  # ASPP hidden and output channels at --width 1 (§3.2)
 
 
 class PretrainedWeightsError(UserError):
-    """ImageNet weights that are missing or do not fit the requested body."""
+    """Pretrained body weights (ImageNet, or the shapes pool) that are missing, damaged or do not fit the body."""
 
 
 class IncrementalSegmentationModule(nn.Module):
@@ -156,8 +156,8 @@ def read_pretrained(path: Path) -> dict[str, Tensor]:
     try:
         ckpt = _torch_load(path)
     except Exception as exc:
-        raise PretrainedWeightsError(f"ImageNet weights {path} cannot be read ({type(exc).__name__}); "
-                                     "download the file again or pass --no_pretrained") from None
+        raise PretrainedWeightsError(f"pretrained weights {path} cannot be read ({type(exc).__name__}); "
+                                     "download or rewrite the file (pretrained/README.md) or pass --no_pretrained") from None
     if isinstance(ckpt, dict) and DIGEST_KEY in ckpt and content_digest(ckpt) != ckpt[DIGEST_KEY]:
         raise PretrainedWeightsError(f"pretrained weights {path} are damaged (their content does not match their "
                                      "digest); restore the file (git checkout, or rewrite it with "
@@ -169,17 +169,17 @@ def read_pretrained(path: Path) -> dict[str, Tensor]:
 
 
 def load_pretrained(body: nn.Module, path: Path) -> None:
-    """Strict load of ImageNet weights into the body, with a one-line error when they do not fit."""
+    """Strict load of pretrained weights into the body, with a one-line error when they do not fit."""
     state = read_pretrained(path)
     try:
         missing, unexpected = body.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # a shape mismatch: weights of another backbone
         detail = str(exc).strip().splitlines()[-1].strip()
-        raise PretrainedWeightsError(f"ImageNet weights {path} do not fit the body ({detail}); "
+        raise PretrainedWeightsError(f"pretrained weights {path} do not fit the body ({detail}); "
                                      "check --backbone or pass --no_pretrained") from None
     if missing or unexpected:
         raise PretrainedWeightsError(
-            f"ImageNet weights {path} do not fit the body ({len(missing)} missing keys, e.g. {missing[:2]}; "
+            f"pretrained weights {path} do not fit the body ({len(missing)} missing keys, e.g. {missing[:2]}; "
             f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}); check --backbone or pass --no_pretrained")
 
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import run  # noqa: E402
 from argparser import parse_args, run_dir  # noqa: E402
-from dataset import build_datasets  # noqa: E402
+from dataset import build_datasets, class_names  # noqa: E402
 from dataset.tasks import Task  # noqa: E402
 from dataset.transforms import device_batch, image_tensor, remap_label  # noqa: E402
 from methods.base import IGNORE_INDEX  # noqa: E402
@@ -105,8 +105,16 @@ def main(argv=None) -> None:
     for kind, names in OUTCOMES.items():
         print(f"  {kind} pixels labelled background {shares(totals[kind], names)}")
     if args.per_class:
-        for c, counts in enumerate(totals["per_class"][1:], start=1):
-            print(f"    class {c:3d} {shares(counts, OUTCOMES['old'])}")
+        print("\n".join(class_rows(totals["per_class"], class_names(opts.dataset, opts.shapes_version))))
+
+
+def class_rows(per_class: torch.Tensor, names=None) -> list[str]:
+    """One line per old class (background excluded): id, display name where the dataset has names, shares."""
+    rows = []
+    for c, counts in enumerate(per_class[1:], start=1):
+        label = f"{c:3d} {names[c]}" if names else f"{c:3d}"
+        rows.append(f"    class {label} {shares(counts, OUTCOMES['old'])}")
+    return rows
 
 
 def shares(counts: torch.Tensor, names) -> str:

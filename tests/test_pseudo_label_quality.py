@@ -23,6 +23,12 @@ def test_outcomes_of_crafted_pixels():
     assert counts["background"].tolist() == [1, 1, 1]
     # the same old pixels per true class: class 1 has one of each outcome, class 2 one right
     assert counts["per_class"].tolist() == [[0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    rows = script.class_rows(counts["per_class"], ["background", "cat", "dog", "car"])
+    assert rows == [("    class   1 cat (4): 25.0 % its class, 25.0 % another old class, 25.0 % background, "
+                     "25.0 % ignored"),
+                    ("    class   2 dog (1): 100.0 % its class, 0.0 % another old class, 0.0 % background, "
+                     "0.0 % ignored")]
+    assert script.class_rows(counts["per_class"])[0].startswith("    class   1 (4): 25.0 % its class")  # ADE: no names
 
 
 class AlwaysBackground(nn.Module):
