@@ -79,7 +79,7 @@ def pool_miou(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batc
 
 
 def pretrain(backbone: str = "resnet18", width: float = 0.25, norm_act: str = "abn", output_stride: int = 8,
-             images: int = 10000, epochs: int = 10, batch_size: int = 16, lr: float = 0.1, size: int = 64,
+             images: int = 10000, epochs: int = 32, batch_size: int = 16, lr: float = 0.1, size: int = 64,
              seed: int = 0, val_images: int = 500, log=None) -> tuple[dict, dict]:
     """Train on pool scenes; return (checkpoint dict, metadata)."""
     log = log or (lambda line: print(line, flush=True))
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--norm_act", default="abn")
     p.add_argument("--output_stride", type=int, default=8, help="the benchmark's (--output_stride of run.py)")
     p.add_argument("--images", type=int, default=10000)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=32)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)

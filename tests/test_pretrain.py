@@ -83,7 +83,7 @@ def test_the_shipped_file_is_the_one_pretrained_readme_names():
     named = re.findall(r"`([0-9a-f]{64})`", (ROOT / "pretrained" / "README.md").read_text())
     assert named == [_sha256(shipped)]
     meta = torch.load(shipped, map_location="cpu", weights_only=True)["meta"]
-    assert (meta["epochs"], meta["threads"], meta["torch"]) == (10, 2, "2.13.0+cpu")
+    assert (meta["epochs"], meta["threads"], meta["torch"]) == (32, 2, "2.13.0+cpu")
 
 
 def test_damaged_pool_weights_fail_with_one_line(tmp_path):
