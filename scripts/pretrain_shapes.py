@@ -8,7 +8,7 @@ over the pool's categories (``dataset.shapes.POOL``, none of which is a benchmar
 background, per-pixel cross-entropy on pool scenes (``dataset.shapes_pool.generate_scene``),
 SGD with Nesterov momentum, a cosine schedule, random horizontal flips.  ImageNet features
 transfer to dense prediction; a classifier trained on this small body and 64-pixel images, whose
-last map is 2x2, did not (README, "Step 0: below VOC's range": step 0 reached 21.4 % from those
+last map is 2x2, did not (README, "Step 0: a point below VOC's range": step 0 reached 21.4 % from those
 weights, 13.4 % from scratch, 41.5 % from dense pool weights), so the pool is learned densely.  Writes
 ``pretrained/shapes_<backbone>_w<width>_<norm_act>.pth.tar`` in the ImageNet file's format (a
 ``state_dict`` with the body's keys and ``classifier.fc.*``, which the loader drops), which step 0
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -119,24 +120,22 @@ def pretrain(backbone: str = "resnet18", width: float = 0.25, norm_act: str = "a
     return {"state_dict": state, "meta": meta}, meta
 
 
+RECIPE_FLAGS = ("backbone", "width", "norm_act", "output_stride", "images", "epochs", "batch_size", "lr", "seed")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", default="resnet18")
-    p.add_argument("--width", type=float, default=0.25)
-    p.add_argument("--norm_act", default="abn")
-    p.add_argument("--output_stride", type=int, default=8, help="the benchmark's (--output_stride of run.py)")
-    p.add_argument("--images", type=int, default=10000)
-    p.add_argument("--epochs", type=int, default=32)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    recipe = inspect.signature(pretrain).parameters  # the defaults live once, in pretrain()'s signature
+    for name in RECIPE_FLAGS:
+        default = recipe[name].default
+        p.add_argument(f"--{name}", type=type(default), default=default,
+                       help="the benchmark's (--output_stride of run.py)" if name == "output_stride" else None)
     p.add_argument("--threads", type=int, default=2, help="CPU threads (the bytes written depend on it)")
     p.add_argument("--out", type=Path, default=None, help="default: the file step 0 loads")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    ckpt, meta = pretrain(args.backbone, args.width, args.norm_act, args.output_stride, args.images, args.epochs,
-                          args.batch_size, args.lr, seed=args.seed)
+    ckpt, meta = pretrain(**{name: getattr(args, name) for name in RECIPE_FLAGS})
     out = args.out or shapes_pretrained_file(args.backbone, args.width, args.norm_act)
     save_atomic(ckpt, out)  # through a file object: the bytes do not depend on the file's name
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
