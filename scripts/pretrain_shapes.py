@@ -8,8 +8,9 @@ over the pool's categories (``dataset.shapes.POOL``, none of which is a benchmar
 background, per-pixel cross-entropy on pool scenes (``dataset.shapes_pool.generate_scene``),
 SGD with Nesterov momentum, a cosine schedule, random horizontal flips.  ImageNet features
 transfer to dense prediction; a classifier trained on this small body and 64-pixel images, whose
-last map is 2x2, did not (README, "Step 0: a point below VOC's range": step 0 reached 21.4 % from those
-weights, 13.4 % from scratch, 41.5 % from dense pool weights), so the pool is learned densely.  Writes
+last map is 2x2, did not (README, "Step 0: in VOC's range, from VOC-sized increments": step 0
+reached 21.4 % from those weights, 13.4 % from scratch, 41.5 % from dense pool weights), so the
+pool is learned densely.  Writes
 ``pretrained/shapes_<backbone>_w<width>_<norm_act>.pth.tar`` in the ImageNet file's format (a
 ``state_dict`` with the body's keys and ``classifier.fc.*``, which the loader drops), which step 0
 of every ``--dataset shapes`` run loads by default.  The same command on the same torch build,

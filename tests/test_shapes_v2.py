@@ -73,3 +73,24 @@ def test_class_order_is_unrelated_to_appearance(task):
     for step in steps[1:]:
         mean, _ = _mean_colour([image for (image, _), p in zip(samples, presence) if p[step].any()])
         assert np.all(np.abs(mean - base_mean) < 0.15 * base_std), (task, step, mean, base_mean)
+
+
+def test_the_demo_schedule_gives_increments_of_voc_size():
+    """VOC's 15-1 overlapped increments have 299-548 training images (487/299/491/500/548, MiB's
+    caches).  The demo's set (``--shapes_train_size`` in scripts/demo_flags.txt) must give each of
+    its increments a count in that range; the set's 2000-image default does not (179-191)."""
+    from pathlib import Path
+
+    from argparser import parse_args
+    from dataset.incremental import DataOptions, open_split
+    from dataset.presence import compute_presence, select_images
+    from dataset.tasks import Task
+
+    flags = (Path(__file__).resolve().parents[1] / "scripts" / "demo_flags.txt").read_text().split()
+    opts = parse_args(["--dataset", "shapes", "--task", "15-1", "--overlap", *flags])
+    presence = compute_presence(open_split(DataOptions.from_opts(opts), "train"), 0)
+    steps = Task("shapes", "15-1", 0).all_steps
+    counts = [len(select_images(presence, step, [], overlap=True)) for step in steps[1:]]
+    assert all(299 <= n <= 548 for n in counts), counts
+    default = [len(select_images(presence[:2000], step, [], overlap=True)) for step in steps[1:]]
+    assert max(default) < 299, default
