@@ -47,6 +47,23 @@ def test_summary_over_seeds_uses_the_shared_step0():
     assert (row["voc_old"], row["voc_new"], row["voc_all"]) == (35.1, 13.5, 29.7)
 
 
+def test_ranking_spread_draws_one_seed_per_method():
+    """Every combination of one seed per ranked method: FT is always last, and MiB above PLOP
+    (the reverse of VOC's order) in one of MiB's x PLOP's four pairs -> rho 0.5 there, 1 elsewhere."""
+    lb = _leaderboard()
+    mib, plop = lb.canonical("MiB"), lb.canonical("PLOP")
+    seeds = {"FT": (0.05, 0.06), mib: (0.50, 0.40), plop: (0.45, 0.70)}
+    rows = [_row("FT", 0, 0.8, new=None, hiou=None)]
+    rows += [_row(f"{m}-seed{seed}", 1, value) for m, values in seeds.items() for seed, value in zip((42, 1), values)]
+    low, high, mean, share, draws = lb.ranking_spread(rows, {m: [42, 1] for m in seeds})
+    assert (low, high, draws) == (pytest.approx(0.5), pytest.approx(1.0), 8)
+    assert mean == pytest.approx((0.5 + 3 * 1.0) / 4) and share == pytest.approx(0.75)
+    assert "8 draws): 0.50 to 1.00, mean 0.88, at least 0.8 in 75 % of draws" in lb.markdown(
+        lb.summarise(rows, {m: [42, 1] for m in seeds}), (low, high, mean, share, draws))
+    # one seed each: nothing to draw
+    assert lb.ranking_spread(rows, {m: [42] for m in seeds}) is None
+
+
 def test_shared_settings_come_from_the_flags_file(tmp_path):
     """--flags replaces the demo's settings for every method; DKD's lr divisor reads that file's lrs."""
     lb = _leaderboard()
