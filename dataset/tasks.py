@@ -35,6 +35,18 @@ TASKS = {
 }
 ALIASES = {"15-5s": "15-1", "50": "50-50", "10-10s": "10-1"}
 
+# Training images of each step of VOC's tasks, (task, overlap) -> per step: the counts of MiB's
+# shipped caches of ``train_aug`` (10 582 images; reference/mib_plop.md §2.2).  What the synthetic
+# set's increments are sized after, and what scripts/gpu_check.py projects the paper schedule from.
+VOC_TRAIN_IMAGES = {
+    ("19-1", False): (10034, 548),
+    ("19-1", True): (10410, 548),
+    ("15-5", False): (8437, 2145),
+    ("15-5", True): (9568, 2145),
+    ("15-1", False): (8437, 378, 299, 420, 500, 548),
+    ("15-1", True): (9568, 487, 299, 491, 500, 548),
+}
+
 
 class TaskError(ValueError):
     """A dataset/task/step combination that does not exist."""

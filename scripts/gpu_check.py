@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from dataset.tasks import VOC_TRAIN_IMAGES  # noqa: E402
 from utils.malloc import keep_freed_memory  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "scripts" / "bench_speed.py")
@@ -52,9 +53,9 @@ SIZES = {
 METHODS = ("FT", "MiB", "PLOP")
 PRECISIONS = ("bf16", "fp16")
 
-# VOC 15-1 overlapped at the paper schedule: training images per step (MiB's shipped caches,
-# reference/mib_plop.md §2.2), 30 epochs each, the 1449 validation images tested after each step.
-VOC_15_1_OV_IMAGES = (9568, 487, 299, 491, 500, 548)
+# VOC 15-1 overlapped at the paper schedule: training images per step (MiB's shipped caches),
+# 30 epochs each, the 1449 validation images tested after each step.
+VOC_15_1_OV_IMAGES = VOC_TRAIN_IMAGES["15-1", True]
 VOC_EPOCHS = 30
 VOC_VAL_IMAGES = 1449
 

@@ -322,17 +322,18 @@ def ranking_correlation(table: list[dict]) -> tuple[float | None, list[str]]:
     return spearman([r["miou_all"] for r in rows], [r["voc_all"] for r in rows]), [r["method"] for r in rows]
 
 
-def ranking_spread(rows: list[dict], seeds_of: dict[str, list[int]], recipes: Optional[dict[str, str]] = None,
+def ranking_spread(rows: list[dict], seeds_of: dict[str, list[int]],
                    limit: int = 200_000) -> tuple[float, float, float, float, int] | None:
     """How much of the table's rho is seed noise: rho with VOC when every ranked method contributes
     one of its seeds' all-class mIoU instead of their mean, over every such combination.  Returns
     (lowest, highest, mean, share of draws >= RHO_TARGET, draws); None with fewer than three
-    ranked methods, a single seed each, or more than ``limit`` combinations."""
+    ranked methods, a single seed each, or more than ``limit`` combinations.  (Variants are not
+    ranked, so every method here starts from its own recipe's step 0.)"""
     per_method = {}
     for method, seeds in seeds_of.items():
         if method not in RANKED or method not in PUBLISHED:
             continue
-        found = (seed_scores(rows, method, seed, (recipes or {}).get(method)) for seed in seeds)
+        found = (seed_scores(rows, method, seed) for seed in seeds)
         values = [s["miou_all"] for s in found if s is not None and s["miou_all"] is not None]
         if values:
             per_method[method] = values
@@ -433,9 +434,9 @@ def main(argv=None):
     first = [r for m in seeds_of for r in rows if r["name"] == seed_name(m, seeds_of[m][0])]
     plot_miou_per_step(first, out / "miou_per_step.png")
     plot_class_iou_heatmap(first, out / "class_iou.png")
-    recipes = {v.name: step0_recipe(v.method) for v in args.variant}
-    table = summarise(rows, seeds_of, recipes)
-    text = markdown(table, ranking_spread(rows, seeds_of, recipes)) + "".join(f"\n{m}: did not finish (left out)" for m in failed)
+    table = summarise(rows, seeds_of, {v.name: step0_recipe(v.method) for v in args.variant})
+    text = markdown(table, ranking_spread(rows, seeds_of))
+    text += "".join(f"\n{m}: did not finish (left out)" for m in failed)
     (out / "table.md").write_text(text + "\n")
     write_csv(table, out / "table.csv")
     print(text)

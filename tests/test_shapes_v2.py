@@ -3,13 +3,21 @@ copies (disjoint pretraining pool, shared cues, class order unrelated to appeara
 generators share is tested in test_shapes.py."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from argparser import parse_args
 from dataset import shapes
+from dataset.incremental import DataOptions, open_split
+from dataset.presence import compute_presence, select_images
 from dataset.shapes import generate_sample
 from dataset.shapes_draw import COLOURS, TEXTURES
 from dataset.shapes_pool import generate_scene
+from dataset.tasks import VOC_TRAIN_IMAGES, Task
+
+DEMO_FLAGS = (Path(__file__).resolve().parents[1] / "scripts" / "demo_flags.txt").read_text().split()
 
 # ---------------------------------------------------------------------------- VOC-like structure
 
@@ -64,8 +72,6 @@ def test_class_order_is_unrelated_to_appearance(task):
     """Each step's training images (overlapped) have the base images' colour statistics: the mean
     of every channel within 0.15 standard deviations (VOC's alphabetical order: increments look
     like base classes; the previous generator's striped increments were 0.31 away)."""
-    from dataset.tasks import Task
-
     samples = [generate_sample(0, "train", i) for i in range(1500)]
     presence = np.array([np.isin(np.arange(21), label) for _, label in samples])
     steps = Task("shapes", task, 0).all_steps
@@ -76,21 +82,15 @@ def test_class_order_is_unrelated_to_appearance(task):
 
 
 def test_the_demo_schedule_gives_increments_of_voc_size():
-    """VOC's 15-1 overlapped increments have 299-548 training images (487/299/491/500/548, MiB's
-    caches).  The demo's set (``--shapes_train_size`` in scripts/demo_flags.txt) must give each of
-    its increments a count in that range; the set's 2000-image default does not (179-191)."""
-    from pathlib import Path
-
-    from argparser import parse_args
-    from dataset.incremental import DataOptions, open_split
-    from dataset.presence import compute_presence, select_images
-    from dataset.tasks import Task
-
-    flags = (Path(__file__).resolve().parents[1] / "scripts" / "demo_flags.txt").read_text().split()
-    opts = parse_args(["--dataset", "shapes", "--task", "15-1", "--overlap", *flags])
+    """VOC's 15-1 overlapped increments have 299-548 training images (MiB's caches).  The demo's
+    set (``--shapes_train_size`` in scripts/demo_flags.txt) must give each of its increments a
+    count in that range; the set's 2000-image default does not (179-191)."""
+    voc = VOC_TRAIN_IMAGES["15-1", True][1:]
+    assert (min(voc), max(voc)) == (299, 548)
+    opts = parse_args(["--dataset", "shapes", "--task", "15-1", "--overlap", *DEMO_FLAGS])
     presence = compute_presence(open_split(DataOptions.from_opts(opts), "train"), 0)
     steps = Task("shapes", "15-1", 0).all_steps
     counts = [len(select_images(presence, step, [], overlap=True)) for step in steps[1:]]
-    assert all(299 <= n <= 548 for n in counts), counts
+    assert all(min(voc) <= n <= max(voc) for n in counts), counts
     default = [len(select_images(presence[:2000], step, [], overlap=True)) for step in steps[1:]]
-    assert max(default) < 299, default
+    assert max(default) < min(voc), default
