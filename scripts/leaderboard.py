@@ -13,7 +13,8 @@ REMINDER's prototypes, DKD's sigmoid head).  Steps 1-5 then run once per seed (`
 from that checkpoint.  The table gives mean ± sd over seeds, the published VOC 15-1 overlapped
 numbers of each method, and the Spearman rank correlation of the all-class mIoU between the two.
 A ``--variant`` row runs its method with more flags at steps 1-5, from that method's step-0 run
-(an ablation, or a fix behind a flag, beside the preset).  Runs go ``--jobs`` at a time (a seed as soon as its step-0 run is done), each with its share of
+(an ablation, or a fix behind a flag, beside the preset), or from another's with ``--step0 OTHER``
+among its flags (``--variant "LwF-MC-FT0=LwF-MC --step0 FT"``).  Runs go ``--jobs`` at a time (a seed as soon as its step-0 run is done), each with its share of
 the CPUs, its log in ``OUT/logs/NAME.log`` and its results in ``OUT/results/NAME.jsonl`` (merged
 into ``OUT/results.jsonl``).  Reruns reuse finished steps.
 """
@@ -135,11 +136,18 @@ def seed_name(method: str, seed: int) -> str:
 @dataclass(frozen=True)
 class Variant:
     """A row that runs a registered method with more flags at steps 1..N, from that method's
-    step-0 run: ``--variant "NAME=METHOD FLAG ..."`` (an ablation, or a fix behind a flag)."""
+    step-0 run: ``--variant "NAME=METHOD FLAG ..."`` (an ablation, or a fix behind a flag).
+    ``--step0 OTHER`` among the flags starts it from OTHER's step-0 run instead."""
 
     name: str
     method: str
     flags: tuple[str, ...]
+    step0_of: Optional[str] = None
+
+    @property
+    def recipe(self) -> str:
+        """The step-0 run this row starts from."""
+        return step0_recipe(self.step0_of or self.method)
 
 
 def is_method(name: str) -> bool:
@@ -158,11 +166,19 @@ def parse_variant(text: str) -> Variant:
     if not re.fullmatch(r"[\w+.-]+", name.strip()):
         raise argparse.ArgumentTypeError(f"variant name {name.strip()!r} names run folders: use letters, digits "
                                          "and + . - _ only")
+    flags, step0_of = words[1:], None
+    if "--step0" in flags:
+        at = flags.index("--step0")
+        if at + 1 == len(flags):
+            raise argparse.ArgumentTypeError("--step0 in a variant names the method whose step-0 run it starts "
+                                             "from, e.g. --step0 FT")
+        step0_of, flags = flags[at + 1], flags[:at] + flags[at + 2:]
     try:
         method = canonical(words[0])
+        step0_of = canonical(step0_of) if step0_of is not None else None
     except KeyError as exc:
         raise argparse.ArgumentTypeError(exc.args[0]) from None
-    return Variant(name.strip(), method, tuple(words[1:]))
+    return Variant(name.strip(), method, tuple(flags), step0_of)
 
 
 @dataclass
@@ -181,13 +197,12 @@ class Job:
 def plan(chosen: list[str], seeds_of: dict[str, list[int]], logdir: Path, last_step: int = 5,
          variants: Sequence[Variant] = ()) -> list[Job]:
     """Every run of the table: one step-0 run per recipe, then each row's seeds from it."""
-    rows = {m: (m, ()) for m in chosen} | {v.name: (v.method, v.flags) for v in variants}
-    jobs = [Job(recipe, recipe, ["0"]) for recipe in dict.fromkeys(step0_recipe(m) for m, _ in rows.values())]
-    for row, (method, flags) in rows.items():
-        step0 = run_dir(logdir, step0_recipe(method)) / "step-0.pth"
-        jobs += [Job(method, seed_name(row, seed), [str(s) for s in range(1, last_step + 1)],
-                     [*flags, "--step_ckpt", str(step0), "--random_seed", str(seed)], after=step0_recipe(method),
-                     row=row)
+    rows = {m: Variant(m, m, ()) for m in chosen} | {v.name: v for v in variants}
+    jobs = [Job(recipe, recipe, ["0"]) for recipe in dict.fromkeys(v.recipe for v in rows.values())]
+    for row, v in rows.items():
+        step0 = run_dir(logdir, v.recipe) / "step-0.pth"
+        jobs += [Job(v.method, seed_name(row, seed), [str(s) for s in range(1, last_step + 1)],
+                     [*v.flags, "--step_ckpt", str(step0), "--random_seed", str(seed)], after=v.recipe, row=row)
                  for seed in seeds_of.get(row, [])]
     return jobs
 
@@ -391,8 +406,9 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=None,
                    help="any registered method (run.py --method); default: all of them, or none with --variant")
     p.add_argument("--variant", action="append", type=parse_variant, default=[], metavar='"NAME=METHOD FLAG ..."',
-                   help="a row running METHOD with more flags at steps 1-5 from METHOD's step-0 run, over every "
-                        "seed (repeatable), e.g. --variant \"PLOP+UNKD=PLOP --unkd --loss_kd 10\"")
+                   help="a row running METHOD with more flags at steps 1-5 from METHOD's step-0 run (or, with "
+                        "--step0 OTHER among the flags, OTHER's), over every seed (repeatable), e.g. "
+                        "--variant \"PLOP+UNKD=PLOP --unkd --loss_kd 10\"")
     p.add_argument("--seeds", nargs="+", type=int, default=SEEDS,
                    help="seeds of steps 1-5 for the ranked and any non-standard method; the others run the first")
     p.add_argument("--last_step", type=int, choices=range(1, 6), default=5,
@@ -434,7 +450,7 @@ def main(argv=None):
     first = [r for m in seeds_of for r in rows if r["name"] == seed_name(m, seeds_of[m][0])]
     plot_miou_per_step(first, out / "miou_per_step.png")
     plot_class_iou_heatmap(first, out / "class_iou.png")
-    table = summarise(rows, seeds_of, {v.name: step0_recipe(v.method) for v in args.variant})
+    table = summarise(rows, seeds_of, {v.name: v.recipe for v in args.variant})
     text = markdown(table, ranking_spread(rows, seeds_of))
     text += "".join(f"\n{m}: did not finish (left out)" for m in failed)
     (out / "table.md").write_text(text + "\n")

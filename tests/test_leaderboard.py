@@ -149,10 +149,8 @@ def test_example_method_on_the_leaderboard(tmp_path):
     assert "pkd" in log and "unkd" in log  # the new term trained beside MiB's
 
 
-def test_a_variant_is_its_own_row_from_its_methods_step0(tmp_path, monkeypatch, capsys):
-    """--variant "NAME=METHOD FLAGS": steps 1-5 with the flags, step 0 shared with the method."""
-    lb = _leaderboard()
-    out = tmp_path / "out"
+def _record_jobs(lb, monkeypatch) -> list:
+    """Replace run.py by _FAKE_RUN; the returned list fills with the jobs launched."""
     calls = []
 
     def fake_command(job, logdir, results, extra, base):
@@ -160,6 +158,14 @@ def test_a_variant_is_its_own_row_from_its_methods_step0(tmp_path, monkeypatch, 
         return [sys.executable, "-c", _FAKE_RUN, str(results), job.name, job.method, *job.steps]
 
     monkeypatch.setattr(lb, "command", fake_command)
+    return calls
+
+
+def test_a_variant_is_its_own_row_from_its_methods_step0(tmp_path, monkeypatch, capsys):
+    """--variant "NAME=METHOD FLAGS": steps 1-5 with the flags, step 0 shared with the method."""
+    lb = _leaderboard()
+    out = tmp_path / "out"
+    calls = _record_jobs(lb, monkeypatch)
     lb.main(["--variant", "PLOP+UNKD=PLOP --unkd --loss_kd 10", "--seeds", "42", "1", "--jobs", "2",
              "--logdir", str(tmp_path / "runs"), "--out", str(out)])
     assert [j.name for j in calls if j.after is None] == ["FT"]  # PLOP's step 0 is FT's; no other row runs
@@ -178,3 +184,23 @@ def test_a_variant_is_its_own_row_from_its_methods_step0(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit):
         lb.main(["--methods", "FT", "--flags", str(tmp_path / "missing.txt"), "--out", str(out)])
     assert "is not a file" in capsys.readouterr().err
+
+
+def test_a_variant_can_start_from_another_methods_step0(tmp_path, monkeypatch, capsys):
+    """--step0 OTHER in a variant: its seeds load OTHER's step-0 checkpoint (MiB's is FT's), only
+    that step-0 run is made, and the flag itself does not reach run.py."""
+    lb = _leaderboard()
+    out = tmp_path / "out"
+    calls = _record_jobs(lb, monkeypatch)
+    lb.main(["--variant", "LwF-MC-FT0=LwF-MC --step0 MiB --loss_kd 2", "--seeds", "42", "--jobs", "1",
+             "--logdir", str(tmp_path / "runs"), "--out", str(out)])
+    assert [j.name for j in calls if j.after is None] == ["FT"]  # MiB's step 0 is FT's; LwF-MC's own is not run
+    (seed,) = [j for j in calls if j.after]
+    assert seed.method == "LWF-MC" and seed.after == "FT"
+    assert seed.extra == ["--loss_kd", "2", "--step_ckpt", str(tmp_path / "runs" / "shapes" / "15-1-ov" / "FT"
+                                                                  / "step-0.pth"), "--random_seed", "42"]
+    assert "| LwF-MC-FT0 | 1 |" in (out / "table.md").read_text()
+    for bad, message in (("X=LwF-MC --step0", "names the method"), ("X=LwF-MC --step0 Nope", "Nope")):
+        with pytest.raises(SystemExit):
+            lb.main(["--variant", bad, "--out", str(out)])
+        assert message in capsys.readouterr().err

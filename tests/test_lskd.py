@@ -304,6 +304,31 @@ def test_nonnegative_loss_weights_project_before_use_and_renormalisation():
     assert method.loss_weights.detach().tolist() == [1.0] * 9
 
 
+def test_loss_weights_lr_sets_the_weights_group_and_each_epoch_logs_the_weights():
+    """By default w learns at the step's lr (the reference's head group); --loss_weights_lr gives it
+    its own, one SGD step moves w by that lr times its gradient, and after_epoch logs w."""
+    opts, task, teacher, student, images, labels = _tiny_setup()
+    lines = []
+    ctx = StepContext(model=student, teacher=teacher, train_loader=[(images, labels)],
+                      device=torch.device("cpu"), task=task, opts=opts, log=lines.append)
+    assert LSKD(opts, task).param_groups(student, 0.01)[-1]["lr"] == 0.01
+    opts.loss_weights_lr = 0.001
+    method = LSKD(opts, task)
+    groups = method.param_groups(student, 0.01)
+    assert [g["lr"] for g in groups] == [0.01, 0.01, 0.01, 0.001]
+    method.loss_weights.grad = torch.arange(9.0)
+    torch.optim.SGD(groups[-1:], lr=0.01).step()
+    assert method.loss_weights.detach().tolist() == pytest.approx([1 - 0.001 * i for i in range(9)])
+    method.before_step(ctx)
+    method.after_epoch(ctx, 2)
+    weights = [9 * (1 - 0.001 * i) / (9 - 0.036) for i in range(9)]
+    assert lines[-1:] == ["step 1 epoch 3: LSKD term weights " + ", ".join(
+        f"{name} {w:.3f}" for name, w in zip(TERMS, weights))]
+    opts.loss_weights_lr = -0.001
+    with pytest.raises(ConfigError, match="--loss_weights_lr"):
+        LSKD(opts, task)
+
+
 def test_step_zero_is_plop_step_zero_and_bad_setups_fail_clearly():
     opts, task, teacher, student, images, labels = _tiny_setup()
     method = LSKD(opts, Task("shapes", "15-1", 0))

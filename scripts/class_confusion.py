@@ -1,0 +1,100 @@
+"""Where a step's model goes wrong on chosen classes: what their pixels are predicted as, and what
+the pixels it predicts as them truly are, on the step's test images with *every* class labelled.
+
+A run's test labels name only the classes seen so far; a future class's objects count as
+background (mib_plop.md §2.3), so a false positive on them is indistinguishable from one on true
+background.  The dataset's own label files hold every class (VOC's do, and so do the synthetic
+set's), so here future classes keep their ids and the two are told apart.
+
+    python scripts/class_confusion.py --dataset shapes $(cat scripts/demo_flags.txt) \\
+        --task 15-1 --overlap --method PLOP --step 2 --classes 7 8 10 \\
+        --ckpt runs/shapes/15-1-ov/PLOP/step-2.pth
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import run  # noqa: E402
+from argparser import parse_args, run_dir  # noqa: E402
+from dataset import build_datasets, class_names  # noqa: E402
+from dataset.incremental import IncrementalSegmentation  # noqa: E402
+from dataset.loaders import eval_loader  # noqa: E402
+from dataset.tasks import Task  # noqa: E402
+from train import evaluate  # noqa: E402
+from utils.distributed import DistInfo, resolve_device  # noqa: E402
+from utils.errors import ConfigError  # noqa: E402
+
+SHOWN = 5  # classes listed per line
+
+
+@torch.no_grad()
+def full_confusion(opts, task: Task, model, predict, info: DistInfo) -> torch.Tensor:
+    """(K, K) pixel counts over the step's test images, rows the true class among all K of the
+    dataset (future classes by their own id), columns the prediction (only seen classes occur)."""
+    _, _, test = build_datasets(opts, task)
+    every_class = np.arange(256, dtype=np.uint8)  # the label file as it is; 255 stays ignored
+    labelled = IncrementalSegmentation(test.source, test.indices, test.transform, every_class, None)
+    matrix = evaluate(model, eval_loader(labelled, opts, info), task.num_classes, predict, info.device,
+                      channels_last=False)
+    return matrix.mat.cpu()
+
+
+def describe(counts: torch.Tensor, names, future: set[int]) -> str:
+    """'n1 % name1, n2 % name2, ...' of the largest entries of a count vector."""
+    total = max(int(counts.sum()), 1)
+    parts = []
+    for k in counts.argsort(descending=True)[:SHOWN].tolist():
+        if counts[k] == 0:
+            break
+        tag = " (future)" if k in future else ""
+        parts.append(f"{100 * float(counts[k]) / total:.1f} % {k} {names[k]}{tag}")
+    return ", ".join(parts)
+
+
+def report(mat: torch.Tensor, classes: list[int], names, task: Task) -> list[str]:
+    """Two lines per class: where its pixels go (recall) and what its predictions are (precision)."""
+    future = set(task.future_classes)
+    lines = []
+    for c in classes:
+        tp, row, col = int(mat[c, c]), mat[c], mat[:, c]
+        union = int(row.sum()) + int(col.sum()) - tp
+        lines.append(f"  class {c} {names[c]}: IoU {100 * tp / max(union, 1):.1f} %")
+        lines.append(f"    its {int(row.sum())} pixels are predicted as: {describe(row, names, future)}")
+        lines.append(f"    the {int(col.sum())} pixels predicted as it are: {describe(col, names, future)}")
+    return lines
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--classes", type=int, nargs="+", required=True, help="seen classes to examine")
+    parser.add_argument("--ckpt", default=None, help="the step's checkpoint (default: the run's step-{t}.pth)")
+    args, run_argv = parser.parse_known_args(argv)
+    opts = parse_args(run_argv)
+    if len(opts.step) != 1:
+        raise ConfigError("class_confusion.py examines one step's model: pass --step t")
+    step, device = opts.step[0], resolve_device(opts.device, 0)
+    task = Task(opts.dataset, opts.task, step)
+    unseen = [c for c in args.classes if not 0 <= c < task.n_seen]
+    if unseen:
+        raise ConfigError(f"--classes {' '.join(map(str, unseen))}: step {step} of {opts.task} has seen classes "
+                          f"0-{task.n_seen - 1} only")
+    path = Path(args.ckpt) if args.ckpt else run_dir(opts) / f"step-{step}.pth"
+    info = DistInfo(device=device)
+    model = run.load_step_model(opts, task, path, info).eval()
+    mat = full_confusion(opts, task, model, opts.method_cls(opts, task).predict, info)
+    names = class_names(opts.dataset, opts.shapes_version) or [str(k) for k in range(task.num_classes)]
+    print(f"step {step} test images, model {path}; every class labelled, future ones "
+          f"({', '.join(map(str, task.future_classes)) or 'none'}) by their own id:")
+    print("\n".join(report(mat, args.classes, names, task)))
+
+
+if __name__ == "__main__":
+    run.script_main(main)

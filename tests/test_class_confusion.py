@@ -1,0 +1,75 @@
+"""scripts/class_confusion.py: a step's errors on chosen classes, future classes labelled by their id."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from scripts_loader import load_script
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    return load_script("scripts/class_confusion.py")
+
+
+def test_report_of_a_crafted_matrix():
+    script = _script()
+    from dataset.tasks import Task
+
+    task = Task("shapes", "15-1", 4)  # seen 0-19, future 20
+    mat = torch.zeros(21, 21, dtype=torch.int64)
+    mat[7, 7], mat[7, 0], mat[7, 17] = 60, 30, 10     # class 7: 100 pixels, 60 right
+    mat[0, 7], mat[20, 7], mat[8, 7] = 20, 15, 5      # 40 false positives: background, future 20, class 8
+    names = [f"c{k}" for k in range(21)]
+    lines = script.report(mat, [7], names, task)
+    assert lines == ["  class 7 c7: IoU 42.9 %",  # 60 / (100 + 100 - 60)
+                     "    its 100 pixels are predicted as: 60.0 % 7 c7, 30.0 % 0 c0, 10.0 % 17 c17",
+                     "    the 100 pixels predicted as it are: 60.0 % 7 c7, 20.0 % 0 c0, 15.0 % 20 c20 (future), "
+                     "5.0 % 8 c8"]
+
+
+class AlwaysOne(nn.Module):
+    def __init__(self, n_seen: int):
+        super().__init__()
+        self.n_seen = n_seen
+
+    def forward(self, images):
+        logits = torch.zeros(len(images), self.n_seen, *images.shape[-2:])
+        logits[:, 1] = 1.0
+        return {"logits": logits}
+
+
+def test_future_classes_keep_their_ids():
+    """A model that predicts class 1 everywhere: column 1 holds every labelled pixel of the step's
+    test images by its true class, future ones (17-20 at step 1) included, counted here from the files."""
+    script = _script()
+    from argparser import parse_args
+    from dataset import build_datasets
+    from dataset.tasks import Task
+    from utils.distributed import DistInfo
+
+    opts = parse_args(["--dataset", "shapes", "--method", "FT", "--task", "15-1", "--overlap", "--shapes_train_size",
+                       "40", "--shapes_val_size", "30", "--crop_size", "64", "--num_workers", "0", "--step", "1"])
+    task = Task("shapes", "15-1", 1)
+    model = AlwaysOne(task.n_seen)
+    mat = script.full_confusion(opts, task, model, lambda logits: logits.argmax(1), DistInfo(device=torch.device("cpu")))
+    _, _, test = build_datasets(opts, task)
+    labels = np.stack([test.transform(*test.source.load(int(i)))[1] for i in test.indices])
+    expected = np.bincount(labels[labels != 255].ravel(), minlength=21)
+    assert mat[:, 1].tolist() == expected.tolist()
+    assert expected[task.future_classes].sum() > 0  # the check sees future classes
+    assert int(mat.sum()) == int(mat[:, 1].sum())
+
+
+def test_bad_inputs_are_one_line_with_exit_code_2(tmp_path):
+    base = ["scripts/class_confusion.py", "--dataset", "shapes", "--task", "15-1", "--step", "1"]
+    cases = [([*base, "--classes", "18"], "seen classes 0-16 only"),
+             ([*base, "--classes", "7", "--ckpt", str(tmp_path / "missing.pth")], "does not exist")]
+    for argv, message in cases:
+        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
