@@ -14,9 +14,10 @@ from that checkpoint.  The table gives mean ± sd over seeds, the published VOC 
 numbers of each method, and the Spearman rank correlation of the all-class mIoU between the two.
 A ``--variant`` row runs its method with more flags at steps 1-5, from that method's step-0 run
 (an ablation, or a fix behind a flag, beside the preset), or from another's with ``--step0 OTHER``
-among its flags (``--variant "LwF-MC-FT0=LwF-MC --step0 FT"``).  Runs go ``--jobs`` at a time (a seed as soon as its step-0 run is done), each with its share of
-the CPUs, its log in ``OUT/logs/NAME.log`` and its results in ``OUT/results/NAME.jsonl`` (merged
-into ``OUT/results.jsonl``).  Reruns reuse finished steps.
+among its flags (``--variant "LwF-MC-FT0=LwF-MC --step0 FT"``).  Runs go ``--jobs`` at a time (a
+seed as soon as its step-0 run is done), each with its share of the CPUs, its log in
+``OUT/logs/NAME.log`` and its results in ``OUT/results/NAME.jsonl`` (merged into
+``OUT/results.jsonl``).  Reruns reuse finished steps.
 """
 from __future__ import annotations
 
