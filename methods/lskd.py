@@ -228,7 +228,7 @@ class LSKD(PLOP):
                             teacher: dict) -> tuple[list[Tensor], Tensor]:
         """MD terms lambda_l * mean_b d_l for the six layers, and the MCD term (module docstring)."""
         a_layers = distilled_layers(teacher, True)
-        b_layers = distilled_layers(out, True, self.n_old)
+        b_layers = distilled_layers(out, True, self.n_old, self.pod_new_logits)
         c_layers = d_layers = [None] * len(a_layers)
         if self.mask_mode != "gt":
             with torch.no_grad(), self._autocast():

@@ -10,6 +10,8 @@ and REMINDER / LSKD extend it in turn.  At step > 0 the loss is
 
 with y~ the pseudo-labels (:mod:`methods.pseudo`), nu the per-image adaptive factor and L_POD
 the Local POD of :mod:`methods.pod`.  Step 0 is the classic family's step 0 (plain CE).
+One deviation, off by default, serves ablations: ``--pod_new_logits drop`` leaves the student's
+new-class logits out of the logits' POD instead of summing them into its background channel.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from utils.errors import ConfigError
 from . import register
 from .base import StepContext
 from .classic import ClassicMethod
-from .pod import PREPRO, distilled_layers, pod_loss, pod_schedule
+from .pod import NEW_LOGITS, PREPRO, distilled_layers, pod_loss, pod_schedule
 from .pseudo import adaptive_factor, entropy_thresholds, pseudo_label
 
 # The head output and the stride-16 logits are the last two of the six distilled layers.
@@ -73,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pod_options", dest="pod_logits_factor", type=_pod_options, metavar="JSON",
                    help="reference spelling of --pod_logits_factor: "
                         '\'{"switch": {"after": {"extra_channels": "sum", "factor": 0.0005, "type": "local"}}}\'')
+    g.add_argument("--pod_new_logits", choices=NEW_LOGITS, default="sum",
+                   help="logits POD: the student's new-class logits are summed into its background channel "
+                        "(sum: the reference's extra_channels) or left out (drop: a deviation, for ablation)")
     g.add_argument("--pod_prepro", choices=sorted(PREPRO), default="pow",
                    help="elementwise transform before pooling (PLOP: pow, squared activations)")
     g.add_argument("--spp_scales", type=_scale, nargs="+", default=[1, 2, 4], help="Local POD grid sizes")
@@ -125,6 +130,7 @@ class PLOP(ClassicMethod):
             self.pod_factors.append(float(logits_factor))
         self.spp_scales = tuple(opts.spp_scales)
         self.pod_prepro = opts.pod_prepro
+        self.pod_new_logits = opts.pod_new_logits
         self.schedule = 1.0 if opts.no_pod_schedule or not self.incremental else pod_schedule(task.n_seen, task.n_new)
         self.pseudo = opts.pseudo
         self.threshold_floor = float(opts.threshold)
@@ -180,7 +186,7 @@ class PLOP(ClassicMethod):
     def pod_term(self, out: dict, teacher: dict) -> Tensor:
         """Local POD over the six layers (mib_plop.md §4.9): L_POD = (1/L) sum_l lambda_l s d_l."""
         return pod_loss(distilled_layers(teacher, self.pod_logits),
-                        distilled_layers(out, self.pod_logits, self.n_old),
+                        distilled_layers(out, self.pod_logits, self.n_old, self.pod_new_logits),
                         self.pod_factors, self.spp_scales, self.pod_prepro, self.schedule)
 
     def _extra_terms(self, batch: dict, out: dict, teacher: dict, labels: Tensor) -> dict[str, Tensor]:

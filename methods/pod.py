@@ -103,16 +103,23 @@ def collapse_new_logits(student_logits: Tensor, n_old: int) -> Tensor:
     return torch.cat([background, student_logits[:, 1:n_old]], dim=1)
 
 
-def distilled_layers(out: dict, with_logits: bool, n_old: Optional[int] = None) -> list[Tensor]:
+NEW_LOGITS = ("sum", "drop")  # --pod_new_logits: the reference's extra_channels "sum", or drop them
+
+
+def distilled_layers(out: dict, with_logits: bool, n_old: Optional[int] = None,
+                     new_logits: str = "sum") -> list[Tensor]:
     """The maps PLOP distils, in the reference order: the four stage pre-activations, the head
     output and (``--pod_logits``) the stride-16 logits.  Pass ``n_old`` for the student so that
-    its logits are collapsed to the teacher's channels.  Everything is cast to dense NCHW fp32
-    in one copy (a channels-last teacher copy's maps would make every pooling slower).
+    its logits are reduced to the teacher's channels: the new classes' summed into background
+    (``new_logits="sum"``, the reference) or dropped (``"drop"``).  Everything is cast to dense
+    NCHW fp32 in one copy (a channels-last teacher copy's maps would make every pooling slower).
     """
     layers = [dense_fp32(t) for t in out["stages"]] + [dense_fp32(out["pre_logits"])]
     if with_logits:
         logits = out["logits_small"].float()
-        layers.append(collapse_new_logits(logits, n_old) if n_old is not None else logits)
+        if n_old is not None:
+            logits = collapse_new_logits(logits, n_old) if new_logits == "sum" else logits[:, :n_old]
+        layers.append(logits)
     return layers
 
 

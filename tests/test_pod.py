@@ -93,6 +93,8 @@ def test_distilled_layers_order_and_collapse():
     assert [t.shape[1] for t in layers] == [2, 3, 4, 5, 6, 3]
     torch.testing.assert_close(layers[-1][:, 0], out["logits_small"][:, 0] + out["logits_small"][:, 3])
     assert len(distilled_layers(out, with_logits=False)) == 5
+    dropped = distilled_layers(out, with_logits=True, n_old=3, new_logits="drop")[-1]  # --pod_new_logits drop
+    torch.testing.assert_close(dropped, out["logits_small"][:, :3])
 
 
 def test_pod_loss_weights_schedule_and_layer_average():

@@ -131,7 +131,7 @@ def _opts(**kw):
                 freeze=False, icarl=False, icarl_importance=1.0, icarl_disjoint=False, icarl_bkg=False,
                 regularizer=None, reg_importance=1.0, reg_alpha=0.9, reg_no_normalize=False, reg_iterations=10,
                 pod="local", pod_factor=0.01, pod_logits=True, pod_logits_factor=5e-4, pod_prepro="pow",
-                spp_scales=[1, 2, 4], no_pod_schedule=False, pseudo="entropy", threshold=0.001,
+                pod_new_logits="sum", spp_scales=[1, 2, 4], no_pod_schedule=False, pseudo="entropy", threshold=0.001,
                 classif_adaptive_factor=True, pseudo_median="reference", csw_kd=0.5, delta_csw=0.0,
                 weight_decay=1e-4)
     base.update(kw)
