@@ -29,6 +29,7 @@ file composes them into the loss.  Step 0 trains exactly as PLOP's step 0.  Devi
 * ``--nonnegative_loss_weights`` (off by default) projects w onto w >= 0 before each use and before
   the renormalisation: the reference's objective can drive a weight below 0 (its G_i is a signed
   mean), and the student then maximises that distance until the loss is -inf;
+* ``--no_masks`` (off by default) drops the masks of MD, for ablation;
 * ``--loss_weights_lr`` (off by default) gives w its own learning rate; the reference trains it
   at the step's lr, which the synthetic benchmark's schedule sets 10x VOC's (0 keeps w fixed);
 * ``--mask_distance L1_mean`` (channel statistic undefined, a NameError in the reference) and
@@ -90,6 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--nonnegative_loss_weights", action="store_true",
                    help="deviation: project the learned term weights onto w >= 0 after every update (the "
                         "reference does not; a negative weight makes the student maximise that distance)")
+    g.add_argument("--no_masks", action="store_true",
+                   help="deviation, for ablation: no MD masks (plain Local POD on every layer, MCD on the unmasked "
+                        "head output) and no teacher passes on blanked images")
     g.add_argument("--loss_weights_lr", type=float, default=None, metavar="LR",
                    help="deviation: learning rate of the learned term weights (default: the step's --lr, as in the "
                         "reference, whose weights sat in the head's optimizer group; 0 keeps them fixed)")
@@ -122,13 +126,15 @@ class LSKD(PLOP):
         self.gamma_gn = float(opts.adaptive_gamma)
         self.ce_factor = float(opts.ce_factor)
         self.nonnegative = bool(getattr(opts, "nonnegative_loss_weights", False))
+        self.masked = not getattr(opts, "no_masks", False)
         self.weights_lr = getattr(opts, "loss_weights_lr", None)
         if self.weights_lr is not None and not self.weights_lr >= 0:
             raise ConfigError(f"--loss_weights_lr must be >= 0 (0 keeps the weights fixed), got {self.weights_lr}")
         self.new_over_old = task.n_new / task.n_old if task.n_old else 0.0
         if self.incremental and (self.pod is None or not self.pod_logits):
             raise ConfigError("LSKD distils six layers: pass --pod local --pod_logits (or use the LSKD preset)")
-        if self.incremental and (self.mask_mode is None or (self.mask_mode != "gt" and self.distance is None)):
+        if self.incremental and self.masked and (self.mask_mode is None
+                                                 or (self.mask_mode != "gt" and self.distance is None)):
             raise ConfigError("LSKD needs its masks: pass --mask_mode (--sigmoid) and --mask_distance (--dis), "
                               "e.g. --dis cos --sigmoid whc (or use the LSKD preset)")
         if self.mcd_groups < 1:
@@ -230,7 +236,7 @@ class LSKD(PLOP):
         a_layers = distilled_layers(teacher, True)
         b_layers = distilled_layers(out, True, self.n_old, self.pod_new_logits)
         c_layers = d_layers = [None] * len(a_layers)
-        if self.mask_mode != "gt":
+        if self.masked and self.mask_mode != "gt":
             with torch.no_grad(), self._autocast():
                 blanked = self._teacher_model(blank_regions(images, labels, self.n_old))
             both = distilled_layers(blanked, True)
@@ -239,7 +245,7 @@ class LSKD(PLOP):
         pod_terms, mcd = [], out["logits"].new_zeros(())
         last = len(a_layers) - 1
         for layer, (a, b, c, d, factor) in enumerate(zip(a_layers, b_layers, c_layers, d_layers, self.pod_factors)):
-            if layer >= MASKED_FROM_LAYER:
+            if self.masked and layer >= MASKED_FROM_LAYER:
                 spatial, channel = region_masks(a, c, d, labels, self.n_old, self.distance, self.mask_mode,
                                                 channels=layer < last)
                 mask = spatial if channel is None else spatial * channel

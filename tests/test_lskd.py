@@ -329,6 +329,32 @@ def test_loss_weights_lr_sets_the_weights_group_and_each_epoch_logs_the_weights(
         LSKD(opts, task)
 
 
+def test_no_masks_is_plain_local_pod_on_every_layer_without_blanked_passes():
+    """--no_masks: each MD term is lambda_l * mean_b d_l of the unmasked maps (the student's logits
+    with the new class summed into background), MCD reads the unmasked head output, and the
+    teacher never sees a blanked image."""
+    from methods.pod import collapse_new_logits, pod_distance
+
+    opts, task, teacher, student, images, labels = _tiny_setup()
+    opts.no_masks, opts.mask_mode, opts.mask_distance = True, None, None  # masks' flags no longer needed
+    method = LSKD(opts, task)
+    counting = _CountingTeacher(teacher)
+    method.before_step(StepContext(model=student, teacher=counting, train_loader=[(images, labels)],
+                                   device=torch.device("cpu"), task=task, opts=opts, log=lambda s: None))
+    counting.batch_sizes.clear()
+    out = student(images)
+    with torch.no_grad():
+        teacher_out = teacher(images)
+    pod_terms, mcd = method.masked_distillation(images, labels, out, teacher_out)
+    assert counting.batch_sizes == []
+    a = [*teacher_out["stages"], teacher_out["pre_logits"], teacher_out["logits_small"]]
+    b = [*out["stages"], out["pre_logits"], collapse_new_logits(out["logits_small"], task.n_old)]
+    factors = [0.01] * 5 + [0.0005]
+    for term, ta, tb, factor in zip(pod_terms, a, b, factors, strict=True):
+        torch.testing.assert_close(term, factor * pod_distance(ta.float(), tb.float(), [1, 2, 4]).mean())
+    torch.testing.assert_close(mcd, 0.005 * context_distance(a[4], b[4], 20).mean())
+
+
 def test_step_zero_is_plop_step_zero_and_bad_setups_fail_clearly():
     opts, task, teacher, student, images, labels = _tiny_setup()
     method = LSKD(opts, Task("shapes", "15-1", 0))
