@@ -8,7 +8,10 @@ set's), so here future classes keep their ids and the two are told apart.
 
     python scripts/class_confusion.py --dataset shapes $(cat scripts/demo_flags.txt) \\
         --task 15-1 --overlap --method PLOP --step 2 --classes 7 8 10 \\
-        --ckpt runs/shapes/15-1-ov/PLOP/step-2.pth
+        --ckpt runs/shapes/15-1-ov/PLOP-seed{42,1,2}/step-2.pth
+
+Several ``--ckpt`` (a method's seeds) are scored on the same images and their confusion matrices
+summed: pixel counts are given per model (the mean), shares of the sum.
 """
 from __future__ import annotations
 
@@ -47,35 +50,46 @@ def full_confusion(opts, task: Task, model, predict, info: DistInfo) -> torch.Te
     return matrix.mat.cpu()
 
 
-def describe(counts: torch.Tensor, names, future: set[int]) -> str:
-    """'n1 % name1, n2 % name2, ...' of the largest entries of a count vector."""
-    total = max(int(counts.sum()), 1)
+def describe(counts: torch.Tensor, names, future: set[int], models: int = 1) -> str:
+    """'x % (n) k name, ...' of the largest entries of a count vector summed over ``models``:
+    shares of the sum, n per model."""
+    total = max(float(counts.sum()), 1.0)
     parts = []
     for k in counts.argsort(descending=True)[:SHOWN].tolist():
         if counts[k] == 0:
             break
         tag = " (future)" if k in future else ""
-        parts.append(f"{100 * float(counts[k]) / total:.1f} % {k} {names[k]}{tag}")
+        parts.append(f"{100 * float(counts[k]) / total:.1f} % ({_count(counts[k], models)}) {k} {names[k]}{tag}")
     return ", ".join(parts)
 
 
-def report(mat: torch.Tensor, classes: list[int], names, task: Task) -> list[str]:
-    """Two lines per class: where its pixels go (recall) and what its predictions are (precision)."""
+def _count(value, models: int) -> str:
+    mean = float(value) / models
+    return f"{mean:.0f}" if mean == round(mean) or models == 1 else f"{mean:.1f}"
+
+
+def report(mat: torch.Tensor, classes: list[int], names, task: Task, models: int = 1) -> list[str]:
+    """Two lines per class: where its pixels go (recall) and what its predictions are (precision);
+    ``mat`` is the sum over ``models`` models' confusion matrices."""
     future = set(task.future_classes)
     lines = []
     for c in classes:
-        tp, row, col = int(mat[c, c]), mat[c], mat[:, c]
-        union = int(row.sum()) + int(col.sum()) - tp
-        lines.append(f"  class {c} {names[c]}: IoU {100 * tp / max(union, 1):.1f} %")
-        lines.append(f"    its {int(row.sum())} pixels are predicted as: {describe(row, names, future)}")
-        lines.append(f"    the {int(col.sum())} pixels predicted as it are: {describe(col, names, future)}")
+        tp, row, col = float(mat[c, c]), mat[c], mat[:, c]
+        union = float(row.sum()) + float(col.sum()) - tp
+        lines.append(f"  class {c} {names[c]}: IoU {100 * tp / max(union, 1.0):.1f} %")
+        lines.append(f"    its {_count(row.sum(), models)} pixels are predicted as: "
+                     f"{describe(row, names, future, models)}")
+        lines.append(f"    the {_count(col.sum(), models)} pixels predicted as it are: "
+                     f"{describe(col, names, future, models)}")
     return lines
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", type=int, nargs="+", required=True, help="seen classes to examine")
-    parser.add_argument("--ckpt", default=None, help="the step's checkpoint (default: the run's step-{t}.pth)")
+    parser.add_argument("--ckpt", nargs="+", default=None,
+                        help="the step's checkpoint, or several (a method's seeds) whose matrices are summed "
+                             "(default: the run's step-{t}.pth)")
     args, run_argv = parser.parse_known_args(argv)
     opts = parse_args(run_argv)
     if len(opts.step) != 1:
@@ -86,14 +100,16 @@ def main(argv=None) -> None:
     if unseen:
         raise ConfigError(f"--classes {' '.join(map(str, unseen))}: step {step} of {opts.task} has seen classes "
                           f"0-{task.n_seen - 1} only")
-    path = Path(args.ckpt) if args.ckpt else run_dir(opts) / f"step-{step}.pth"
+    paths = [Path(p) for p in args.ckpt] if args.ckpt else [run_dir(opts) / f"step-{step}.pth"]
     info = DistInfo(device=device)
-    model = run.load_step_model(opts, task, path, info).eval()
-    mat = full_confusion(opts, task, model, opts.method_cls(opts, task).predict, info)
+    predict = opts.method_cls(opts, task).predict
+    models = [run.load_step_model(opts, task, path, info).eval() for path in paths]  # all checked first
+    mat = sum(full_confusion(opts, task, model, predict, info) for model in models)
     names = class_names(opts.dataset, opts.shapes_version) or [str(k) for k in range(task.num_classes)]
-    print(f"step {step} test images, model {path}; every class labelled, future ones "
+    which = f"model {paths[0]}" if len(paths) == 1 else f"{len(paths)} models (pixel counts per model)"
+    print(f"step {step} test images, {which}; every class labelled, future ones "
           f"({', '.join(map(str, task.future_classes)) or 'none'}) by their own id:")
-    print("\n".join(report(mat, args.classes, names, task)))
+    print("\n".join(report(mat, args.classes, names, task, len(paths))))
 
 
 if __name__ == "__main__":

@@ -27,9 +27,14 @@ def test_report_of_a_crafted_matrix():
     names = [f"c{k}" for k in range(21)]
     lines = script.report(mat, [7], names, task)
     assert lines == ["  class 7 c7: IoU 42.9 %",  # 60 / (100 + 100 - 60)
-                     "    its 100 pixels are predicted as: 60.0 % 7 c7, 30.0 % 0 c0, 10.0 % 17 c17",
-                     "    the 100 pixels predicted as it are: 60.0 % 7 c7, 20.0 % 0 c0, 15.0 % 20 c20 (future), "
-                     "5.0 % 8 c8"]
+                     "    its 100 pixels are predicted as: 60.0 % (60) 7 c7, 30.0 % (30) 0 c0, 10.0 % (10) 17 c17",
+                     "    the 100 pixels predicted as it are: 60.0 % (60) 7 c7, 20.0 % (20) 0 c0, "
+                     "15.0 % (15) 20 c20 (future), 5.0 % (5) 8 c8"]
+    # the same matrix as the sum of two models: shares unchanged, counts per model
+    halves = script.report(mat, [7], names, task, models=2)
+    assert halves[0] == lines[0]
+    assert halves[2] == ("    the 50 pixels predicted as it are: 60.0 % (30) 7 c7, 20.0 % (10) 0 c0, "
+                         "15.0 % (7.5) 20 c20 (future), 5.0 % (2.5) 8 c8")
 
 
 class AlwaysOne(nn.Module):
