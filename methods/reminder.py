@@ -16,7 +16,8 @@ reference kept per-rank values and wrote a side file from every rank).  They liv
 checkpoint's method state; a step > 0 without them is a :class:`MethodStateError`.
 
 Deviation: the CE keeps PLOP's +1e-6 in the adaptive factor, which REMINDER's copy dropped (its
-issue #10, NaN on images without background).
+issue #10, NaN on images without background).  ``--csw_foreground_only`` (off by default) is an
+ablation: CSW-KD without background's channel.
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ CSW_EPS = 1e-7         # added to the weighted teacher target, not renormalised 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("REMINDER: class-similarity weighted distillation")
     g.add_argument("--csw_kd", type=float, default=0.0, help="weight of CSW-KD on new-class pixels (REMINDER: 0.5)")
+    g.add_argument("--csw_foreground_only", action="store_true",
+                   help="deviation, for ablation: CSW-KD over the old foreground classes only (background's "
+                        "channel left out of the teacher target and the student's distribution)")
     g.add_argument("--delta_csw", type=float, default=0.0,
                    help="drop similarity weights below delta / C_old (REMINDER ADE scripts: 1.0)")
 
@@ -88,16 +92,18 @@ def class_similarity_weights(new_prototypes: Tensor, old_prototypes: Tensor, del
 
 
 def csw_distillation(logits: Tensor, teacher_logits: Tensor, labels: Tensor, class_weights: Tensor,
-                     n_old: int, temperature: float = CSW_TEMPERATURE) -> Tensor:
+                     n_old: int, temperature: float = CSW_TEMPERATURE, first: int = 0) -> Tensor:
     """L_csw on the pixels labelled with a new class (n_old <= y < 255), module docstring formula.
 
     ``class_weights`` (K_new, C_old) holds the similarity weights of class n_old + k in row k.
+    ``first=1`` (``--csw_foreground_only``) leaves background's channel out of both distributions.
     No gradient flows into the target.  0 when the batch has no new-class pixel.
     """
     mask = (labels >= n_old) & (labels != IGNORE_INDEX)
-    student = logits.float()[:, :n_old].permute(0, 2, 3, 1)[mask]                 # (N, C_old)
-    teacher = teacher_logits.float().permute(0, 2, 3, 1)[mask].detach()
-    target = torch.softmax(teacher / temperature, dim=1) * class_weights[labels[mask] - n_old] + CSW_EPS
+    student = logits.float()[:, first:n_old].permute(0, 2, 3, 1)[mask]            # (N, C_old - first)
+    teacher = teacher_logits.float()[:, first:n_old].permute(0, 2, 3, 1)[mask].detach()
+    weights = class_weights[labels[mask] - n_old][:, first:]
+    target = torch.softmax(teacher / temperature, dim=1) * weights + CSW_EPS
     log_p = torch.log_softmax(student / temperature, dim=1)
     return temperature ** 2 * (-(target * log_p)).sum() / mask.sum().clamp(min=1)
 
@@ -139,6 +145,7 @@ class Reminder(PLOP):
         super().__init__(opts, task)
         self.csw_weight = float(opts.csw_kd)
         self.delta = float(opts.delta_csw)
+        self.csw_first = 1 if getattr(opts, "csw_foreground_only", False) else 0
         self.n_new = task.n_new
         self.old_prototypes: Optional[Tensor] = None
         self.prototypes: Optional[Tensor] = None
@@ -176,7 +183,7 @@ class Reminder(PLOP):
         sums, pixels = class_feature_sums(out["pre_logits"].detach().float(), labels, self.n_old, self.n_new)
         batch_prototypes = sums / pixels.clamp(min=1)[:, None]
         weights = class_similarity_weights(batch_prototypes, self.old_prototypes.to(sums.device), self.delta)
-        csw = csw_distillation(out["logits"], teacher["logits"], labels, weights, self.n_old)
+        csw = csw_distillation(out["logits"], teacher["logits"], labels, weights, self.n_old, first=self.csw_first)
         return {"csw": self.csw_weight * csw}
 
     def after_step(self, ctx: StepContext) -> None:

@@ -64,19 +64,20 @@ def test_csw_loss_equals_plain_loop_over_new_pixels():
     labels = torch.randint(0, n_old + n_new, (2, 4, 5), generator=g)
     labels[1, 0, :] = 255
     weights = torch.rand(n_new, n_old, generator=g)
-    total, count = 0.0, 0
-    for b in range(2):
-        for y in range(4):
-            for x in range(5):
-                label = int(labels[b, y, x])
-                if n_old <= label < 255:
-                    q = torch.softmax(teacher[b, :, y, x] / t, 0) * weights[label - n_old] + 1e-7
-                    logp = torch.log_softmax(logits[b, :n_old, y, x] / t, 0)
-                    total += float(-(q * logp).sum())
-                    count += 1
-    expected = t * t * total / count
-    got = csw_distillation(logits, teacher, labels, weights, n_old, t)
-    assert got.item() == pytest.approx(expected, rel=1e-5)
+    for first in (0, 1):  # 1: --csw_foreground_only, background's channel left out of both sides
+        total, count = 0.0, 0
+        for b in range(2):
+            for y in range(4):
+                for x in range(5):
+                    label = int(labels[b, y, x])
+                    if n_old <= label < 255:
+                        q = torch.softmax(teacher[b, first:, y, x] / t, 0) * weights[label - n_old, first:] + 1e-7
+                        logp = torch.log_softmax(logits[b, first:n_old, y, x] / t, 0)
+                        total += float(-(q * logp).sum())
+                        count += 1
+        expected = t * t * total / count
+        got = csw_distillation(logits, teacher, labels, weights, n_old, t, first=first)
+        assert got.item() == pytest.approx(expected, rel=1e-5)
     no_new = torch.zeros_like(labels)
     assert csw_distillation(logits, teacher, no_new, weights, n_old, t).item() == 0.0
 
