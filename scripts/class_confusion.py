@@ -1,5 +1,6 @@
 """Where a step's model goes wrong on chosen classes: what their pixels are predicted as, and what
 the pixels it predicts as them truly are, on the step's test images with *every* class labelled.
+A future class (not learned yet) shows what the model calls its objects, e.g. background.
 
 A run's test labels name only the classes seen so far; a future class's objects count as
 background (mib_plop.md §2.3), so a false positive on them is indistinguishable from one on true
@@ -69,12 +70,17 @@ def _count(value, models: int) -> str:
 
 
 def report(mat: torch.Tensor, classes: list[int], names, task: Task, models: int = 1) -> list[str]:
-    """Two lines per class: where its pixels go (recall) and what its predictions are (precision);
-    ``mat`` is the sum over ``models`` models' confusion matrices."""
+    """Two lines per seen class: where its pixels go (recall) and what its predictions are
+    (precision); one for a future class, which the model cannot predict yet: where its pixels
+    go.  ``mat`` is the sum over ``models`` models' confusion matrices."""
     future = set(task.future_classes)
     lines = []
     for c in classes:
         tp, row, col = float(mat[c, c]), mat[c], mat[:, c]
+        if c in future:
+            lines.append(f"  class {c} {names[c]} (future): its {_count(row.sum(), models)} pixels are predicted as: "
+                         f"{describe(row, names, future, models)}")
+            continue
         union = float(row.sum()) + float(col.sum()) - tp
         lines.append(f"  class {c} {names[c]}: IoU {100 * tp / max(union, 1.0):.1f} %")
         lines.append(f"    its {_count(row.sum(), models)} pixels are predicted as: "
@@ -86,7 +92,8 @@ def report(mat: torch.Tensor, classes: list[int], names, task: Task, models: int
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--classes", type=int, nargs="+", required=True, help="seen classes to examine")
+    parser.add_argument("--classes", type=int, nargs="+", required=True,
+                        help="classes to examine; a future class shows what the model calls its pixels")
     parser.add_argument("--ckpt", nargs="+", default=None,
                         help="the step's checkpoint, or several (a method's seeds) whose matrices are summed "
                              "(default: the run's step-{t}.pth)")
@@ -96,10 +103,10 @@ def main(argv=None) -> None:
         raise ConfigError("class_confusion.py examines one step's model: pass --step t")
     step, device = opts.step[0], resolve_device(opts.device, 0)
     task = Task(opts.dataset, opts.task, step)
-    unseen = [c for c in args.classes if not 0 <= c < task.n_seen]
-    if unseen:
-        raise ConfigError(f"--classes {' '.join(map(str, unseen))}: step {step} of {opts.task} has seen classes "
-                          f"0-{task.n_seen - 1} only")
+    unknown = [c for c in args.classes if not 0 <= c < task.num_classes]
+    if unknown:
+        raise ConfigError(f"--classes {' '.join(map(str, unknown))}: {opts.dataset} has classes "
+                          f"0-{task.num_classes - 1} only")
     paths = [Path(p) for p in args.ckpt] if args.ckpt else [run_dir(opts) / f"step-{step}.pth"]
     info = DistInfo(device=device)
     predict = opts.method_cls(opts, task).predict

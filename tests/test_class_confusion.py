@@ -35,6 +35,9 @@ def test_report_of_a_crafted_matrix():
     assert halves[0] == lines[0]
     assert halves[2] == ("    the 50 pixels predicted as it are: 60.0 % (30) 7 c7, 20.0 % (10) 0 c0, "
                          "15.0 % (7.5) 20 c20 (future), 5.0 % (2.5) 8 c8")
+    # a future class: one line, where its pixels go (it cannot be predicted yet)
+    assert script.report(mat, [20], names, task) == [
+        "  class 20 c20 (future): its 15 pixels are predicted as: 100.0 % (15) 7 c7"]
 
 
 class AlwaysOne(nn.Module):
@@ -73,7 +76,7 @@ def test_future_classes_keep_their_ids():
 
 def test_bad_inputs_are_one_line_with_exit_code_2(tmp_path):
     base = ["scripts/class_confusion.py", "--dataset", "shapes", "--task", "15-1", "--step", "1"]
-    cases = [([*base, "--classes", "18"], "seen classes 0-16 only"),
+    cases = [([*base, "--classes", "21"], "has classes 0-20 only"),
              ([*base, "--classes", "7", "--ckpt", str(tmp_path / "missing.pth")], "does not exist")]
     for argv, message in cases:
         proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
