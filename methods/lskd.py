@@ -221,7 +221,8 @@ class LSKD(PLOP):
         task = [self.ce_factor * sum(classification.values()), mcd,
                 kd if kd is not None else out["logits"].new_zeros(()), *pod_terms]
         losses = torch.stack([t.float() for t in task])
-        self._update_weight_grad(task, losses.detach())
+        if self.weights_lr != 0:  # fixed weights (--loss_weights_lr 0) need no objective gradient
+            self._update_weight_grad(task, losses.detach())
         terms = {name: w * value for name, w, value in zip(TERMS, self.loss_weights, task)}
         terms.update(extra)
         if self.regularizer is not None:

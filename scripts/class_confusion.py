@@ -40,15 +40,16 @@ SHOWN = 5  # classes listed per line
 
 
 @torch.no_grad()
-def full_confusion(opts, task: Task, model, predict, info: DistInfo) -> torch.Tensor:
-    """(K, K) pixel counts over the step's test images, rows the true class among all K of the
-    dataset (future classes by their own id), columns the prediction (only seen classes occur)."""
+def full_confusion(opts, task: Task, models, predict, info: DistInfo) -> torch.Tensor:
+    """(K, K) pixel counts over the step's test images, summed over ``models``: rows the true
+    class among all K of the dataset (future classes by their own id), columns the prediction
+    (only seen classes occur).  The test set is built once for all models."""
     _, _, test = build_datasets(opts, task)
     every_class = np.arange(256, dtype=np.uint8)  # the label file as it is; 255 stays ignored
     labelled = IncrementalSegmentation(test.source, test.indices, test.transform, every_class, None)
-    matrix = evaluate(model, eval_loader(labelled, opts, info), task.num_classes, predict, info.device,
-                      channels_last=False)
-    return matrix.mat.cpu()
+    loader = eval_loader(labelled, opts, info)
+    return sum(evaluate(model, loader, task.num_classes, predict, info.device, channels_last=False).mat.cpu()
+               for model in models)
 
 
 def describe(counts: torch.Tensor, names, future: set[int], models: int = 1) -> str:
@@ -111,7 +112,7 @@ def main(argv=None) -> None:
     info = DistInfo(device=device)
     predict = opts.method_cls(opts, task).predict
     models = [run.load_step_model(opts, task, path, info).eval() for path in paths]  # all checked first
-    mat = sum(full_confusion(opts, task, model, predict, info) for model in models)
+    mat = full_confusion(opts, task, models, predict, info)
     names = class_names(opts.dataset, opts.shapes_version) or [str(k) for k in range(task.num_classes)]
     which = f"model {paths[0]}" if len(paths) == 1 else f"{len(paths)} models (pixel counts per model)"
     print(f"step {step} test images, {which}; every class labelled, future ones "

@@ -65,13 +65,15 @@ def test_future_classes_keep_their_ids():
     task = Task("shapes", "15-1", 1)
     model = AlwaysOne(task.n_seen)
     info = DistInfo(device=torch.device("cpu"))
-    mat = script.full_confusion(opts, task, model, lambda logits: logits.argmax(1), info)
+    mat = script.full_confusion(opts, task, [model], lambda logits: logits.argmax(1), info)
     _, _, test = build_datasets(opts, task)
     labels = np.stack([test.transform(*test.source.load(int(i)))[1] for i in test.indices])
     expected = np.bincount(labels[labels != 255].ravel(), minlength=21)
     assert mat[:, 1].tolist() == expected.tolist()
     assert expected[task.future_classes].sum() > 0  # the check sees future classes
     assert int(mat.sum()) == int(mat[:, 1].sum())
+    twice = script.full_confusion(opts, task, [model, model], lambda logits: logits.argmax(1), info)
+    assert twice.tolist() == (2 * mat).tolist()  # several models: their matrices summed
 
 
 def test_bad_inputs_are_one_line_with_exit_code_2(tmp_path):

@@ -329,6 +329,29 @@ def test_loss_weights_lr_sets_the_weights_group_and_each_epoch_logs_the_weights(
         LSKD(opts, task)
 
 
+def test_fixed_weights_skip_the_weight_objective():
+    """--loss_weights_lr 0: w stays as loaded through a whole iteration and its gradient is the
+    loss's own (the GradNorm objective is not computed, as nothing would use it)."""
+    opts, task, teacher, student, images, labels = _tiny_setup()
+    opts.loss_weights_lr = 0.0
+    method = LSKD(opts, task)
+    start = torch.linspace(0.5, 1.5, 9)
+    method.load_state_dict({"loss_weights": start})
+    method.before_step(StepContext(model=student, teacher=teacher, train_loader=[(images, labels)],
+                                   device=torch.device("cpu"), task=task, opts=opts, log=lambda s: None))
+    optimizer = torch.optim.SGD(method.param_groups(student, 0.01), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    with torch.no_grad():
+        teacher_out = teacher(images)
+    terms = method.loss({"image": images, "label": labels}, student(images), teacher_out)
+    assert method._weight_grad is None
+    sum(terms.values()).backward()
+    own = method.loss_weights.grad.clone()
+    method.after_backward(student)
+    torch.testing.assert_close(method.loss_weights.grad, own)
+    optimizer.step()
+    torch.testing.assert_close(method.loss_weights.detach(), start)
+
+
 def test_no_masks_is_plain_local_pod_on_every_layer_without_blanked_passes():
     """--no_masks: each MD term is lambda_l * mean_b d_l of the unmasked maps (the student's logits
     with the new class summed into background), MCD reads the unmasked head output, and the
