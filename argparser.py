@@ -3,6 +3,8 @@
 Method-specific flags are declared by the method modules themselves (``add_arguments`` in
 ``methods/*.py``); presets are data on the method classes.  Resolution order for a preset key:
 explicit flag > the method's per-dataset preset > the method's preset > the flag's default.
+A method reads only the flags of its own and its base classes' modules; another method's flag,
+or a flag whose switch (``FLAG_NEEDS`` in the module) is off, is a one-line error.
 The seed command lines of the reference repositories keep working (``--overlapped``,
 ``--method MIB``, ``--task 15-5s``, ``--opt_level O1``, ``--local_rank``).
 """
@@ -92,9 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("method")
     g.add_argument("--method", default="FT", help="FT, LwF, LwF-MC, ILT, EWC, RW, PI, MiB, PLOP, ...")
+    p.method_flags = {}  # dest -> the module whose add_arguments declared it
+    p.flag_needs = {}    # dest -> (the flag it acts through, the values that flag must take)
     for module in _method_modules():
         if hasattr(module, "add_arguments"):
+            first = len(p._actions)
             module.add_arguments(p)
+            p.method_flags.update({a.dest: module.__name__ for a in p._actions[first:]})
+            p.flag_needs.update(getattr(module, "FLAG_NEEDS", {}))
 
     g = p.add_argument_group("run")
     g.add_argument("--name", default=None, help="run name (default: the method name)")
@@ -141,10 +148,13 @@ def family_class(chosen, opts, explicit: set[str]):
 
     PLOP's ADE scripts say ``--method FT --pod local --pseudo entropy ...`` and LSKD's README
     ``--method FT ... --dis cos``: a subclass whose own ``selected_by`` flags were given runs
-    instead (without its preset), the most derived one when several match.
+    instead (without its preset), the most derived one when several match.  A preset-only
+    method counts as its behaviour class (``--method MiB --pod local`` is PLOP's class with
+    MiB's flags, as in the reference, where ``--method`` only presets flags).
     """
+    root = chosen.behaviour_class()
     matches = [cls for cls in methods.all_method_classes()
-               if cls is not chosen and issubclass(cls, chosen)
+               if cls is not chosen and issubclass(cls, root) and not issubclass(chosen, cls)
                and any(k in explicit and getattr(opts, k, None) for k in cls.__dict__.get("selected_by", ()))]
     if not matches:
         return chosen
@@ -153,6 +163,37 @@ def family_class(chosen, opts, explicit: set[str]):
         raise ConfigError(f"flags of several methods were combined ({', '.join(c.name for c in matches)}); "
                           "pick one with --method")
     return deepest[0]
+
+
+def check_method_flags(parser: argparse.ArgumentParser, opts, explicit: set[str]) -> None:
+    """Refuse another method's flag: ``--method MiB --no_masks`` would otherwise run plain MiB
+    while its user believes they ran an ablation."""
+    readable = opts.method_cls.flag_modules()
+    for action in parser._actions:
+        module = parser.method_flags.get(action.dest)
+        if module is None or module in readable or action.dest not in explicit:
+            continue
+        readers = [cls.name for cls in methods.all_method_classes() if module in cls.flag_modules()]
+        raise ConfigError(f"{action.option_strings[0]} is read by {', '.join(readers)}, not by --method "
+                          f"{opts.method}; drop it, or pick one of those methods")
+
+
+def check_flag_needs(parser: argparse.ArgumentParser, opts, explicit: set[str]) -> None:
+    """Refuse a flag that acts only through another one that is off (``--threshold`` without
+    ``--pseudo``, ``--reg_alpha`` with PI): the run would ignore it.  Presets count as set."""
+    for dest, (needed, values) in parser.flag_needs.items():
+        value = getattr(opts, needed)
+        if dest not in explicit or (value in values if values else value):
+            continue
+        flag, needed_flag = _option(parser, dest), _option(parser, needed)
+        state = "not set" if value is None or value is False else value
+        wanted = f" to {' or '.join(values)}" if values else ""
+        raise ConfigError(f"{flag} has no effect while {needed_flag} is {state}; set {needed_flag}{wanted}, "
+                          f"or drop {flag}")
+
+
+def _option(parser: argparse.ArgumentParser, dest: str) -> str:
+    return next(a.option_strings[0] for a in parser._actions if a.dest == dest and a.option_strings)
 
 
 def apply_preset(opts, method_cls, explicit: set[str]) -> None:
@@ -165,7 +206,9 @@ def apply_preset(opts, method_cls, explicit: set[str]) -> None:
             setattr(opts, key, value)
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, tool_reads: frozenset[str] = frozenset()):
+    """Parse and validate run.py's flags.  ``tool_reads`` names method flags that the calling
+    tool reads itself, whatever the method (``pod_gap.py`` measures with POD's scales)."""
     parser = build_parser()
     opts = parser.parse_args(argv)
     explicit = _explicit_dests(parser, argv)
@@ -177,6 +220,8 @@ def parse_args(argv=None):
     opts.method = opts.method_cls.name
     apply_preset(opts, opts.method_cls, explicit)
     opts.method_cls = family_class(opts.method_cls, opts, explicit)
+    check_method_flags(parser, opts, explicit - tool_reads)
+    check_flag_needs(parser, opts, explicit - tool_reads)
 
     try:
         opts.task = canonical_task(opts.dataset, opts.task)

@@ -68,6 +68,26 @@ class Method:
         self.opts = opts
         self.task = task
 
+    # --- which flags a method reads -----------------------------------------------------------
+    @classmethod
+    def flag_modules(cls) -> set[str]:
+        """Modules whose flags (their ``add_arguments``) this method reads: its own module's and
+        its base classes'.  Any other method's flag on its command line is an error, not a
+        silently ignored option (``argparser.check_method_flags``)."""
+        return {c.__module__ for c in cls.__mro__ if issubclass(c, Method)}
+
+    @classmethod
+    def behaviour_class(cls) -> type["Method"]:
+        """The nearest class, this one or a base, that defines behaviour rather than only a
+        preset.  LwF, ILT, EWC or MiB are FT's class with flags preset, as ``--method`` only
+        presets flags in the reference, so ``--method MiB --pod local`` composes like
+        ``--method FT --pod local`` with MiB's flags (``argparser.family_class``)."""
+        for c in cls.__mro__:
+            if any(callable(v) or isinstance(v, (property, classmethod, staticmethod))
+                   for k, v in vars(c).items() if not k.startswith("__")):
+                return c
+        return cls
+
     # --- construction -------------------------------------------------------------------------
     def init_new_classifier(self, model: nn.Module) -> None:
         """Initialise the step-t classifier after the step t-1 weights were loaded (step > 0)."""

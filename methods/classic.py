@@ -43,6 +43,15 @@ def _unit_interval(text: str) -> float:
     return value
 
 
+# Flags that act only through another: flag -> (that flag, the values it must take; () = any set value).
+FLAG_NEEDS = {
+    "alpha": ("loss_kd", ()), "unkd": ("loss_kd", ()),
+    "icarl_importance": ("icarl", ()), "icarl_disjoint": ("icarl", ()), "icarl_bkg": ("icarl_disjoint", ()),
+    "reg_importance": ("regularizer", ()), "reg_no_normalize": ("regularizer", ()),
+    "reg_alpha": ("regularizer", ("ewc", "rw")), "reg_iterations": ("regularizer", ("rw",)),
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of the classic family, with the reference names and defaults (all off)."""
     g = parser.add_argument_group("LwF / ILT / MiB distillation")

@@ -32,6 +32,10 @@ LGKD_WEIGHTS: dict[tuple[str, str], tuple[float, float]] = {
 DEFAULT_WEIGHTS = (10.0, 2.0)
 
 
+# Flags that act only through another: flag -> (that flag, the values it must take; () = any set value).
+FLAG_NEEDS = {"prev_kd": ("lgkd", ()), "novel_kd": ("lgkd", ())}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("LGKD label-guided distillation (recent_methods.md §4)")
     g.add_argument("--lgkd", action="store_true", default=False,

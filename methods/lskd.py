@@ -69,6 +69,10 @@ def _mask_distance(text: str) -> str:
     return text
 
 
+# Flags that act only through another: flag -> (that flag, the values it must take; () = any set value).
+FLAG_NEEDS = {"mcd_groups": ("mcd_factor", ())}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """LSKD's flags; the seed spellings (--dis, --sigmoid, --aaaaaa, --mmm, --adaptive*, --ppp) are aliases."""
     g = parser.add_argument_group("LSKD: mask-guided and layer-weighted distillation")

@@ -63,6 +63,14 @@ def _scale(text: str) -> int:
     return value
 
 
+# Flags that act only through another: flag -> (that flag, the values it must take; () = any set value).
+FLAG_NEEDS = {
+    **{flag: ("pod", ()) for flag in ("pod_factor", "pod_logits", "pod_prepro", "spp_scales", "no_pod_schedule")},
+    "pod_logits_factor": ("pod_logits", ()), "pod_new_logits": ("pod_logits", ()),
+    **{flag: ("pseudo", ()) for flag in ("threshold", "classif_adaptive_factor", "pseudo_median")},
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """PLOP's flags, reference names and defaults (all off)."""
     g = parser.add_argument_group("PLOP: pooled-output distillation and pseudo-labels")

@@ -38,6 +38,10 @@ CSW_TEMPERATURE = 3.0  # hard-coded T of ClassSimilarityWeightedKD
 CSW_EPS = 1e-7         # added to the weighted teacher target, not renormalised (reference)
 
 
+# Flags that act only through another: flag -> (that flag, the values it must take; () = any set value).
+FLAG_NEEDS = {"csw_foreground_only": ("csw_kd", ()), "delta_csw": ("csw_kd", ())}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("REMINDER: class-similarity weighted distillation")
     g.add_argument("--csw_kd", type=float, default=0.0, help="weight of CSW-KD on new-class pixels (REMINDER: 0.5)")

@@ -53,6 +53,13 @@ from .sdr_terms import (NORMALIZATIONS, SHRINKING, class_statistics, classes_pre
                         update_running_means)
 
 
+# Flags that act only through another: flag -> (that flag, the values it must take; () = any set value).
+FLAG_NEEDS = {
+    "loss_de_prototypes_sumafter": ("loss_de_prototypes", ()),
+    **{flag: ("loss_featspars", ()) for flag in ("lfs_normalization", "lfs_shrinkingfn", "lfs_loss_fn_touse")},
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """SDR's flags with the reference names; every weight defaults to 0 (off)."""
     g = parser.add_argument_group("SDR latent-space regularisation (recent_methods.md §2)")

@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import methods  # noqa: E402
+from argparser import parse_args  # noqa: E402
+from utils.errors import ConfigError  # noqa: E402
 from metrics.plots import plot_class_iou_heatmap, plot_miou_per_step  # noqa: E402
 from metrics.report import load_results, write_csv  # noqa: E402
 from utils.distributed import available_cpus  # noqa: E402
@@ -179,6 +181,10 @@ def parse_variant(text: str) -> Variant:
         step0_of = canonical(step0_of) if step0_of is not None else None
     except KeyError as exc:
         raise argparse.ArgumentTypeError(exc.args[0]) from None
+    try:  # refused flags stop the table before any run, not each of its seeds
+        parse_args(["--dataset", "shapes", "--method", method, *flags])
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(f"variant {name.strip()}: {exc}") from None
     return Variant(name.strip(), method, tuple(flags), step0_of)
 
 

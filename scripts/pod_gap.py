@@ -93,7 +93,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[4, 16, 64])
     parser.add_argument("--batches", type=int, default=4, help="batches averaged per batch size")
     args, run_argv = parser.parse_known_args(argv)
-    opts = parse_args(run_argv)
+    opts = parse_args(run_argv, tool_reads=frozenset({"spp_scales", "pod_prepro"}))
     if len(opts.step) != 1 or opts.step[0] < 1:
         raise ConfigError(f"pod_gap.py needs one incremental step, got --step {' '.join(map(str, opts.step))}; "
                           "pass --step t with t >= 1 (the teacher is step t-1)")

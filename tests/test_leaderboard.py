@@ -147,6 +147,14 @@ def test_example_method_on_the_leaderboard(tmp_path):
     assert "| PKD | 1 |" in table
     log = (tmp_path / "runs" / "shapes" / "15-1-ov" / "PKD-seed42" / "log.txt").read_text()
     assert "pkd" in log and "unkd" in log  # the new term trained beside MiB's
+    # Its flag belongs to it (and to subclasses): another method given it stops with one line.
+    for method in ("MiB", "PLOP"):
+        proc = subprocess.run([sys.executable, "run.py", "--dataset", "shapes", "--method", method, "--pkd_factor",
+                               "1", "--logdir", str(tmp_path / "refused")], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 2 and proc.stderr.strip() == (
+            f"error: --pkd_factor is read by PKD, not by --method {method}; drop it, or pick one of those methods")
+    assert not (tmp_path / "refused").exists()
 
 
 def _record_jobs(lb, monkeypatch) -> list:
@@ -204,3 +212,16 @@ def test_a_variant_can_start_from_another_methods_step0(tmp_path, monkeypatch, c
         with pytest.raises(SystemExit):
             lb.main(["--variant", bad, "--out", str(out)])
         assert message in capsys.readouterr().err
+
+
+def test_a_variant_with_refused_flags_stops_before_any_run(tmp_path, monkeypatch, capsys):
+    lb = _leaderboard()
+    calls = _record_jobs(lb, monkeypatch)
+    for bad, message in (("X=MiB --no_masks", "variant X: --no_masks is read by LSKD, not by --method MiB"),
+                         ("X=FT --threshold 0.5", "--threshold is read by PLOP")):
+        with pytest.raises(SystemExit):
+            lb.main(["--variant", bad, "--logdir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+        assert message in capsys.readouterr().err
+    assert calls == [] and not (tmp_path / "runs").exists()
+    # PLOP reads both flags and its preset sets --pod_logits, which --pod_new_logits needs.
+    assert lb.parse_variant("X=PLOP --pod_new_logits drop").flags == ("--pod_new_logits", "drop")
