@@ -24,6 +24,10 @@ from . import register
 from .base import Method
 
 
+# Flags that act only through another: flag -> (that flag, the values it must take; () = any set value).
+FLAG_NEEDS = {"pos_weight": ("mbce", ())}
+
+
 def add_arguments(parser) -> None:
     g = parser.add_argument_group("DKD (recent_methods.md §5)")
     g.add_argument("--pos_weight", type=float, default=None,

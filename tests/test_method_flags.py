@@ -15,6 +15,7 @@ import run
 from argparser import build_parser, parse_args
 from dataset.tasks import Task
 from methods.classic import ClassicMethod
+from methods.dkd import DKD
 from methods.lgkd import LGKD
 from methods.plop import PLOP
 from methods.reminder import Reminder
@@ -176,6 +177,7 @@ CLAIMS = [
     (SDR, OFF, "lfs_normalization", "max_maskedforclass"),
     (SDR, OFF, "lfs_shrinkingfn", "exponential"),
     (SDR, OFF, "lfs_loss_fn_touse", "ratio"),
+    (DKD, ["--method", "DKD", "--mbce", "0"], "pos_weight", 7.0),
 ]
 
 
@@ -184,7 +186,8 @@ def outputs(n: int, seed: int) -> dict:
     stages = [torch.randn(2, c, 4, 4, generator=g) for c in (4, 4, 4, 8)]
     small = torch.randn(2, n, 4, 4, generator=g)
     return {"stages": stages, "body": stages[-1].relu(), "pre_logits": torch.randn(2, 6, 4, 4, generator=g),
-            "logits_small": small, "logits": small.repeat_interleave(2, 2).repeat_interleave(2, 3)}
+            "logits_small": small, "logits": small.repeat_interleave(2, 2).repeat_interleave(2, 3),
+            "logits_pos": torch.randn(2, n, 8, 8, generator=g), "logits_neg": torch.randn(2, n, 8, 8, generator=g)}
 
 
 def loss_terms(cls, opts) -> dict:
@@ -213,10 +216,11 @@ def test_flag_has_no_effect_while_its_switch_is_off(cls, args, dest, value):
     assert loss_terms(cls, opts) == loss_terms(cls, other)
 
 
-@pytest.mark.parametrize("args,dest,value", [(POD, "pod_factor", 0.5), (["--method", "MiB"], "alpha", 2.0)])
-def test_the_same_flags_change_the_loss_with_their_switch_on(args, dest, value):
+@pytest.mark.parametrize("cls,args,dest,value", [(PLOP, POD, "pod_factor", 0.5), (PLOP, ["--method", "MiB"], "alpha", 2.0),
+                                                (DKD, ["--method", "DKD"], "pos_weight", 7.0)])
+def test_the_same_flags_change_the_loss_with_their_switch_on(cls, args, dest, value):
     """The loss comparison above can see a difference."""
     opts = parsed(*args)
     other = copy.copy(opts)
     setattr(other, dest, value)
-    assert loss_terms(PLOP, opts) != loss_terms(PLOP, other)
+    assert loss_terms(cls, opts) != loss_terms(cls, other)
