@@ -32,6 +32,14 @@ def _steps(value: str):
     return value if value == "all" else int(value)
 
 
+# run.py's own flags that act only through another one (the method modules declare theirs):
+# flag -> (that flag, the values it must take; () = any set value).
+GENERAL_FLAG_NEEDS = {
+    "ckpt": ("test", ()),
+    **{f"shapes_{k}": ("dataset", ("shapes",)) for k in ("train_size", "val_size", "image_size", "seed", "version")},
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description="Continual (class-incremental) semantic segmentation trainer.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -95,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("method")
     g.add_argument("--method", default="FT", help="FT, LwF, LwF-MC, ILT, EWC, RW, PI, MiB, PLOP, ...")
     p.method_flags = {}  # dest -> the module whose add_arguments declared it
-    p.flag_needs = {}    # dest -> (the flag it acts through, the values that flag must take)
+    p.flag_needs = dict(GENERAL_FLAG_NEEDS)  # dest -> (the flag it acts through, the values it must take)
     for module in _method_modules():
         if hasattr(module, "add_arguments"):
             first = len(p._actions)
@@ -192,6 +200,23 @@ def check_flag_needs(parser: argparse.ArgumentParser, opts, explicit: set[str]) 
                           f"or drop {flag}")
 
 
+def check_contradictions(opts, explicit: set[str]) -> None:
+    """run.py's flags that the run would ignore or that contradict each other."""
+    if opts.step_ckpt and opts.test:
+        raise ConfigError("--step_ckpt is a teacher for training and --test trains nothing; evaluate a file "
+                          "with --ckpt PATH")
+    if opts.step_ckpt and opts.step[0] == 0:
+        raise ConfigError("--step_ckpt is the teacher of the first requested step, and step 0 has none; "
+                          "drop it, or start at --step 1 or later")
+    if opts.pretrained and opts.no_pretrained:
+        raise ConfigError("--pretrained and --no_pretrained contradict each other; keep one")
+    if opts.dataset == "shapes" and "data_root" in explicit:
+        raise ConfigError("--dataset shapes generates its images and reads no --data_root; drop it, or train "
+                          "on a data/make_shapes.py folder with --dataset voc")
+    if opts.test and opts.overwrite:
+        raise ConfigError("--overwrite retrains steps and --test only evaluates them; drop one")
+
+
 def _option(parser: argparse.ArgumentParser, dest: str) -> str:
     return next(a.option_strings[0] for a in parser._actions if a.dest == dest and a.option_strings)
 
@@ -221,7 +246,6 @@ def parse_args(argv=None, tool_reads: frozenset[str] = frozenset()):
     apply_preset(opts, opts.method_cls, explicit)
     opts.method_cls = family_class(opts.method_cls, opts, explicit)
     check_method_flags(parser, opts, explicit - tool_reads)
-    check_flag_needs(parser, opts, explicit - tool_reads)
 
     try:
         opts.task = canonical_task(opts.dataset, opts.task)
@@ -238,6 +262,9 @@ def parse_args(argv=None, tool_reads: frozenset[str] = frozenset()):
                               f"0..{num_steps - 1}; pass --step between 0 and {num_steps - 1}")
     if sorted(set(opts.step)) != opts.step:
         raise ConfigError("--step values must be increasing and distinct, e.g. --step 0 1 2")
+
+    check_flag_needs(parser, opts, explicit - tool_reads)
+    check_contradictions(opts, explicit)
 
     if opts.opt_level is not None:
         opts.amp = opts.amp or opts.opt_level != "O0"

@@ -14,10 +14,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["--backbone", "resnet18", "--width", "0.125", "--norm_act", "abn",
-        "--no_pretrained", "--crop_size", "48", "--shapes_image_size", "48", "--batch_size", "4",
-        "--shapes_train_size", "96", "--shapes_val_size", "40", "--num_workers", "0",
+        "--no_pretrained", "--crop_size", "48", "--batch_size", "4", "--num_workers", "0",
         "--epochs", "1", "--lr", "0.01", "0.001", "--no_progress"]
-TINY = ["--dataset", "shapes", *MODEL]
+TINY = ["--dataset", "shapes", *MODEL, "--shapes_image_size", "48", "--shapes_train_size", "96",
+        "--shapes_val_size", "40"]
 
 
 def cli(*args, cwd=None):
@@ -125,6 +125,16 @@ def test_previous_checkpoint_of_other_classes(trained, tmp_path):
     (["--dataset", "shapes", "--method", "Magic"], ["unknown method 'Magic'", "MiB"]),
     (["--dataset", "shapes", "--task", "15-1", "--step", "6"], ["step 6 is out of range", "0..5"]),
     (["--dataset", "voc"], ["--data_root is required"]),
+    # flags the run would ignore, or that contradict each other
+    (["--dataset", "shapes", "--step", "0", "--step_ckpt", "x.pth"], ["--step_ckpt", "step 0 has none"]),
+    (["--dataset", "shapes", "--test", "--step", "1", "--step_ckpt", "x.pth"], ["--test trains nothing", "--ckpt"]),
+    (["--dataset", "shapes", "--ckpt", "x.pth"], ["--ckpt has no effect while --test is not set"]),
+    (["--dataset", "shapes", "--pretrained", "x.pth", "--no_pretrained"], ["contradict"]),
+    (["--dataset", "shapes", "--data_root", "/x"], ["reads no --data_root", "make_shapes.py"]),
+    (["--dataset", "voc", "--data_root", "/x", "--shapes_image_size", "32"],
+     ["--shapes_image_size has no effect while --dataset is voc"]),
+    (["--dataset", "shapes", "--test", "--overwrite"], ["--overwrite", "--test", "drop one"]),
+    (["--dataset", "shapes", "--method", "MiB", "--no_masks"], ["--no_masks is read by LSKD, not by --method MiB"]),
 ])
 def test_bad_flags(args, fragments, tmp_path):
     assert_user_error(cli(*args, "--logdir", str(tmp_path)), *fragments)
@@ -133,11 +143,11 @@ def test_bad_flags(args, fragments, tmp_path):
 
 def test_missing_and_empty_data_root(tmp_path):
     missing = tmp_path / "nope"
-    assert_user_error(cli(*TINY, "--dataset", "voc", "--data_root", str(missing), "--logdir", str(tmp_path / "r")),
+    assert_user_error(cli(*MODEL, "--dataset", "voc", "--data_root", str(missing), "--logdir", str(tmp_path / "r")),
                       str(missing))
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_user_error(cli(*TINY, "--dataset", "voc", "--data_root", str(empty), "--logdir", str(tmp_path / "r")),
+    assert_user_error(cli(*MODEL, "--dataset", "voc", "--data_root", str(empty), "--logdir", str(tmp_path / "r")),
                       str(empty))
 
 

@@ -26,10 +26,11 @@ import run  # noqa: E402
 from utils import checkpoint  # noqa: E402
 from utils.errors import CheckpointError  # noqa: E402
 
-TINY = ["--dataset", "shapes", "--task", "15-1", "--overlap", "--backbone", "resnet18", "--width", "0.125",
-        "--norm_act", "abn", "--no_pretrained", "--crop_size", "32", "--shapes_image_size", "32",
-        "--shapes_train_size", "48", "--shapes_val_size", "16", "--batch_size", "4", "--num_workers", "0",
-        "--lr", "0.01", "--sample_num", "0", "--no_progress"]
+ON_DISK = ["--task", "15-1", "--overlap", "--backbone", "resnet18", "--width", "0.125", "--norm_act", "abn",
+           "--no_pretrained", "--crop_size", "32", "--batch_size", "4", "--num_workers", "0", "--lr", "0.01",
+           "--sample_num", "0", "--no_progress"]  # with --dataset voc on a data/make_shapes.py folder
+TINY = ["--dataset", "shapes", *ON_DISK, "--shapes_image_size", "32", "--shapes_train_size", "48",
+        "--shapes_val_size", "16"]
 RUN = Path("shapes/15-1-ov/FT")
 
 
@@ -193,7 +194,7 @@ def test_label_values_outside_the_classes_are_refused(tmp_path, capsys):
     if label.mode == "P":
         out.putpalette(label.getpalette())
     out.save(label_path)
-    assert run.main([*TINY, "--dataset", "voc", "--data_root", str(root), "--step", "0",
+    assert run.main([*ON_DISK, "--dataset", "voc", "--data_root", str(root), "--step", "0",
                      "--logdir", str(tmp_path / "runs")]) == 2
     one_error_line(capsys, str(label_path), "[30, 200]", "0..20 and 255")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pth"))
