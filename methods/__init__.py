@@ -1,6 +1,13 @@
 """Method registry: every module in this package registers its classes with ``@register``.
 
-Modules are imported automatically, so adding a method means adding one file here.
+Modules are imported automatically, so adding a method means adding one file here.  Besides its
+classes, a module may define:
+
+* ``add_arguments(parser)``: its flags.  Only the module's classes and their subclasses read
+  them; ``argparser`` refuses them for any other ``--method``.
+* ``FLAG_NEEDS = {flag: (switch, values)}``: flags that act only through another one, refused
+  while that switch is off (``values`` empty: any set value, e.g. a non-zero weight) or takes
+  none of ``values``.  ``{"threshold": ("pseudo", ())}``: no pseudo-labels, no threshold.
 """
 from __future__ import annotations
 

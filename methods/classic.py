@@ -43,7 +43,7 @@ def _unit_interval(text: str) -> float:
     return value
 
 
-# Flags that act only through another: flag -> (that flag, the values it must take; () = any set value).
+# Flags that act only through a switch (methods/__init__.py).
 FLAG_NEEDS = {
     "alpha": ("loss_kd", ()), "unkd": ("loss_kd", ()),
     "icarl_importance": ("icarl", ()), "icarl_disjoint": ("icarl", ()), "icarl_bkg": ("icarl_disjoint", ()),

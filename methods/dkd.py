@@ -24,7 +24,7 @@ from . import register
 from .base import Method
 
 
-# Flags that act only through another: flag -> (that flag, the values it must take; () = any set value).
+# Flags that act only through a switch (methods/__init__.py).
 FLAG_NEEDS = {"pos_weight": ("mbce", ())}
 
 

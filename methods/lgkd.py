@@ -32,7 +32,7 @@ LGKD_WEIGHTS: dict[tuple[str, str], tuple[float, float]] = {
 DEFAULT_WEIGHTS = (10.0, 2.0)
 
 
-# Flags that act only through another: flag -> (that flag, the values it must take; () = any set value).
+# Flags that act only through a switch (methods/__init__.py).
 FLAG_NEEDS = {"prev_kd": ("lgkd", ()), "novel_kd": ("lgkd", ())}
 
 

@@ -69,7 +69,7 @@ def _mask_distance(text: str) -> str:
     return text
 
 
-# Flags that act only through another: flag -> (that flag, the values it must take; () = any set value).
+# Flags that act only through a switch (methods/__init__.py).
 FLAG_NEEDS = {"mcd_groups": ("mcd_factor", ())}
 
 

@@ -63,7 +63,7 @@ def _scale(text: str) -> int:
     return value
 
 
-# Flags that act only through another: flag -> (that flag, the values it must take; () = any set value).
+# Flags that act only through a switch (methods/__init__.py).
 FLAG_NEEDS = {
     **{flag: ("pod", ()) for flag in ("pod_factor", "pod_logits", "pod_prepro", "spp_scales", "no_pod_schedule")},
     "pod_logits_factor": ("pod_logits", ()), "pod_new_logits": ("pod_logits", ()),

@@ -38,7 +38,7 @@ CSW_TEMPERATURE = 3.0  # hard-coded T of ClassSimilarityWeightedKD
 CSW_EPS = 1e-7         # added to the weighted teacher target, not renormalised (reference)
 
 
-# Flags that act only through another: flag -> (that flag, the values it must take; () = any set value).
+# Flags that act only through a switch (methods/__init__.py).
 FLAG_NEEDS = {"csw_foreground_only": ("csw_kd", ()), "delta_csw": ("csw_kd", ())}
 
 

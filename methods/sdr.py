@@ -53,7 +53,7 @@ from .sdr_terms import (NORMALIZATIONS, SHRINKING, class_statistics, classes_pre
                         update_running_means)
 
 
-# Flags that act only through another: flag -> (that flag, the values it must take; () = any set value).
+# Flags that act only through a switch (methods/__init__.py).
 FLAG_NEEDS = {
     "loss_de_prototypes_sumafter": ("loss_de_prototypes", ()),
     **{flag: ("loss_featspars", ()) for flag in ("lfs_normalization", "lfs_shrinkingfn", "lfs_loss_fn_touse")},
