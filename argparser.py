@@ -202,6 +202,9 @@ def check_flag_needs(parser: argparse.ArgumentParser, opts, explicit: set[str]) 
 
 def check_contradictions(opts, explicit: set[str]) -> None:
     """run.py's flags that the run would ignore or that contradict each other."""
+    if opts.head != opts.method_cls.model_head:
+        raise ConfigError(f"--method {opts.method} trains the {opts.method_cls.model_head} head, not --head "
+                          f"{opts.head}; drop --head")
     if opts.step_ckpt and opts.test:
         raise ConfigError("--step_ckpt is a teacher for training and --test trains nothing; evaluate a file "
                           "with --ckpt PATH")

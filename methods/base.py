@@ -63,6 +63,8 @@ class Method:
     # Set when the step-t method cannot run without state saved by the step t-1 method
     # (EWC's Fisher, REMINDER's prototypes); ``load_state_dict`` then raises MethodStateError.
     needs_previous_state: bool = False
+    # The ``--head`` the losses are written for (DKD's sigmoid head decomposes every logit).
+    model_head: str = "deeplab"
 
     def __init__(self, opts, task):
         self.opts = opts

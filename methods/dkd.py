@@ -83,6 +83,7 @@ def _force_eval(module: nn.Module, _inputs) -> None:
 class DKD(Method):
     """Sigmoid head; mBCE on new classes, BCE-KD and decomposed KD on old ones, auxiliary BCE."""
 
+    model_head = "dkd"
     preset = {"head": "dkd", "mbce": 1.0, "kd": 5.0, "dkd_pos": 5.0, "dkd_neg": 5.0, "ac": 1.0,
               "freeze_bn": True}
 

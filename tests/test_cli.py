@@ -134,6 +134,8 @@ def test_previous_checkpoint_of_other_classes(trained, tmp_path):
     (["--dataset", "voc", "--data_root", "/x", "--shapes_image_size", "32"],
      ["--shapes_image_size has no effect while --dataset is voc"]),
     (["--dataset", "shapes", "--test", "--overwrite"], ["--overwrite", "--test", "drop one"]),
+    (["--dataset", "shapes", "--method", "MiB", "--head", "dkd"], ["MiB trains the deeplab head", "drop --head"]),
+    (["--dataset", "shapes", "--method", "DKD", "--head", "deeplab"], ["DKD trains the dkd head", "drop --head"]),
     (["--dataset", "shapes", "--method", "MiB", "--no_masks"], ["--no_masks is read by LSKD, not by --method MiB"]),
 ])
 def test_bad_flags(args, fragments, tmp_path):
