@@ -216,6 +216,8 @@ def check_contradictions(opts, explicit: set[str]) -> None:
     if opts.dataset == "shapes" and "data_root" in explicit:
         raise ConfigError("--dataset shapes generates its images and reads no --data_root; drop it, or train "
                           "on a data/make_shapes.py folder with --dataset voc")
+    if opts.opt_level == "O0" and opts.amp:
+        raise ConfigError("--opt_level O0 trains in fp32 and --amp in mixed precision; drop one")
     if opts.test and opts.overwrite:
         raise ConfigError("--overwrite retrains steps and --test only evaluates them; drop one")
 

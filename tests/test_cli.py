@@ -133,6 +133,7 @@ def test_previous_checkpoint_of_other_classes(trained, tmp_path):
     (["--dataset", "shapes", "--data_root", "/x"], ["reads no --data_root", "make_shapes.py"]),
     (["--dataset", "voc", "--data_root", "/x", "--shapes_image_size", "32"],
      ["--shapes_image_size has no effect while --dataset is voc"]),
+    (["--dataset", "shapes", "--amp", "--opt_level", "O0"], ["--opt_level O0", "--amp", "drop one"]),
     (["--dataset", "shapes", "--test", "--overwrite"], ["--overwrite", "--test", "drop one"]),
     (["--dataset", "shapes", "--method", "MiB", "--head", "dkd"], ["MiB trains the deeplab head", "drop --head"]),
     (["--dataset", "shapes", "--method", "DKD", "--head", "deeplab"], ["DKD trains the dkd head", "drop --head"]),
