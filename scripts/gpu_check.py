@@ -142,8 +142,15 @@ def ddp_probe(device: torch.device) -> dict:
         loss = float(trainer.train_step(move_batch(bench.synthetic_batch(2, 64, 16), device, False))["loss"])
         value = torch.ones(1, device=device)
         dist.all_reduce(value)
-        return {"backend": backend, "ok": math.isfinite(loss) and float(value) == 1.0,
-                "seconds": round(time.perf_counter() - start, 1)}
+        result = {"backend": backend, "ok": math.isfinite(loss) and float(value) == 1.0,
+                  "seconds": round(time.perf_counter() - start, 1)}
+        # Dropping the DDP reducer destroys the process group, whose destructor joins gloo's worker
+        # threads while holding the GIL; a worker still releasing a finished work's tensors needs
+        # the GIL, so the two deadlocked (seen once in CI).  Let the workers go idle first.
+        dist.barrier()
+        time.sleep(0.2)
+        del trainer, ddp
+        return result
     finally:
         dist.destroy_process_group()
 
