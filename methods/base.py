@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dataset.presence import IGNORE_LABEL as IGNORE_INDEX  # the label every loss skips
+from utils.errors import ConfigError
 
 
 @dataclass
@@ -69,6 +70,11 @@ class Method:
     def __init__(self, opts, task):
         self.opts = opts
         self.task = task
+        head = getattr(opts, "head", self.model_head)
+        if head != self.model_head:  # argparser refuses it too; this guards direct construction
+            name = getattr(self, "name", type(self).__name__)
+            raise ConfigError(f"--method {name} trains the {self.model_head} head: pass --head {self.model_head} "
+                              f"(got --head {head})")
 
     # --- which flags a method reads -----------------------------------------------------------
     @classmethod

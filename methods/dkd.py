@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modules.norm import is_norm_layer
-from utils.errors import ConfigError
 
 from . import register
 from .base import Method
@@ -89,9 +88,6 @@ class DKD(Method):
 
     def __init__(self, opts, task):
         super().__init__(opts, task)
-        if getattr(opts, "head", None) != "dkd":
-            raise ConfigError(f"--method {type(self).name} needs the sigmoid head: pass --head dkd "
-                              f"(got --head {getattr(opts, 'head', None)})")
         if opts.pos_weight is not None:
             self.pos_weight = opts.pos_weight
         else:
