@@ -195,7 +195,7 @@ def check_flag_needs(parser: argparse.ArgumentParser, opts, explicit: set[str]) 
             continue
         flag, needed_flag = _option(parser, dest), _option(parser, needed)
         state = "not set" if value is None or value is False else value
-        wanted = f" to {' or '.join(values)}" if values else ""
+        wanted = f" to {' or '.join(values) if isinstance(values, tuple) else values}" if values else ""
         raise ConfigError(f"{flag} has no effect while {needed_flag} is {state}; set {needed_flag}{wanted}, "
                           f"or drop {flag}")
 

@@ -8,15 +8,31 @@ classes, a module may define:
 * ``FLAG_NEEDS = {flag: (switch, values)}``: flags that act only through another one, refused
   while that switch is off (``values`` empty: any set value, e.g. a non-zero weight) or takes
   none of ``values``.  ``{"threshold": ("pseudo", ())}``: no pseudo-labels, no threshold.
+  ``values`` may be ``AnythingBut(v)`` for a switch that is on unless it equals ``v`` (unset
+  included): ``{"adaptive_alpha": ("loss_weights_lr", AnythingBut(0.0))}``.
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
+from dataclasses import dataclass
 
 from .base import Method, MethodStateError, StepContext  # noqa: F401
 
 _REGISTRY: dict[str, type[Method]] = {}
+
+
+@dataclass(frozen=True)
+class AnythingBut:
+    """``FLAG_NEEDS`` values of a switch that is on at every value but ``off``."""
+
+    off: object
+
+    def __contains__(self, value) -> bool:
+        return value != self.off
+
+    def __str__(self) -> str:
+        return f"anything but {self.off:g}" if isinstance(self.off, float) else f"anything but {self.off}"
 
 
 def register(name: str, *aliases: str):

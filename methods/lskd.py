@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from utils.errors import ConfigError
 
-from . import register
+from . import AnythingBut, register
 from .base import MethodStateError, StepContext
 from .layer_weights import TERMS, gradnorm_weight_grad, mean_gradients, shared_parameters
 from .lskd_masks import DISTANCES, MASK_MODES, blank_regions, context_distance, region_masks
@@ -70,7 +70,9 @@ def _mask_distance(text: str) -> str:
 
 
 # Flags that act only through a switch (methods/__init__.py).
-FLAG_NEEDS = {"mcd_groups": ("mcd_factor", ())}
+# The GradNorm-like objective's flags act only while w is learned (--loss_weights_lr 0 fixes it).
+FLAG_NEEDS = {"mcd_groups": ("mcd_factor", ()),
+              **{f"adaptive_{k}": ("loss_weights_lr", AnythingBut(0.0)) for k in ("alpha", "beta", "gamma")}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

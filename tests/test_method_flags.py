@@ -118,6 +118,8 @@ def test_behaviour_class_of_each_method():
     (["--method", "REMINDER", "--csw_kd", "0", "--delta_csw", "1"], ["--delta_csw", "--csw_kd is 0.0"]),
     (["--method", "LwF-MC", "--icarl_bkg"], ["--icarl_bkg", "--icarl_disjoint is not set"]),
     (["--method", "LSKD", "--mcd_factor", "0", "--mcd_groups", "4"], ["--mcd_groups", "--mcd_factor is 0.0"]),
+    (["--method", "LSKD", "--loss_weights_lr", "0", "--adaptivealpha", "3"],
+     ["--adaptive_alpha has no effect while --loss_weights_lr is 0.0", "to anything but 0,"]),
 ])
 def test_flag_whose_switch_is_off_is_refused(args, fragments):
     message = error_of(*args)
@@ -132,6 +134,9 @@ def test_flag_whose_switch_is_off_is_refused(args, fragments):
     ["--method", "PLOP", "--threshold", "0.5", "--pod_new_logits", "drop"],
     ["--method", "REMINDER", "--delta_csw", "1", "--csw_foreground_only"],
     ["--method", "LGKD", "--prev_kd", "3"],
+    ["--method", "LSKD", "--adaptive_gamma", "1e-3"],                          # w learned at the step's lr
+    ["--method", "LSKD", "--loss_weights_lr", "0.001", "--adaptive_beta", "1e-3"],
+    ["--method", "LSKD", "--loss_weights_lr", "0"],                           # the preset's values are not refused
 ])
 def test_flag_with_its_switch_on_is_accepted(args):
     parsed(*args)
@@ -147,13 +152,16 @@ def test_needs_tables_name_real_flags_of_the_same_readers():
         owner, needed_owner = parser.method_flags[dest], parser.method_flags[needed]
         readers = [c for c in methods.all_method_classes() if owner in c.flag_modules()]
         assert all(needed_owner in c.flag_modules() for c in readers), dest  # whoever reads it reads the switch
-        assert all(v in actions[needed].choices for v in values), dest
+        if isinstance(values, tuple):  # not AnythingBut
+            assert all(v in actions[needed].choices for v in values), dest
 
 
 # The claim behind each entry, on the loss: (class, flags with the switch off, dest, another value).
 # Not covered here: the regulariser entries (read once by make_regularizer: PI never reads alpha,
-# EWC never its iteration count; tests/test_regularizers.py) and --mcd_groups (LSKD's loss needs a
-# model for its blanked teacher passes; MCD is skipped at factor 0 in methods/lskd.py).
+# EWC never its iteration count; tests/test_regularizers.py), --mcd_groups (LSKD's loss needs a
+# model for its blanked teacher passes; MCD is skipped at factor 0 in methods/lskd.py) and
+# --adaptive_* (they enter only the weight objective, which fixed weights never compute:
+# tests/test_lskd.py::test_fixed_weights_skip_the_weight_objective).
 OFF = ["--method", "FT", "--loss_kd", "1"]
 POD = ["--method", "FT", "--loss_kd", "1", "--pod", "local", "--pod_factor", "0.01"]
 CLAIMS = [
@@ -206,7 +214,8 @@ def loss_terms(cls, opts) -> dict:
 
 
 def test_claims_cover_every_needs_entry_but_the_listed_ones():
-    listed = {"reg_importance", "reg_no_normalize", "reg_alpha", "reg_iterations", "mcd_groups"}
+    listed = {"reg_importance", "reg_no_normalize", "reg_alpha", "reg_iterations", "mcd_groups",
+              "adaptive_alpha", "adaptive_beta", "adaptive_gamma"}
     assert {dest for _, _, dest, _ in CLAIMS} | listed == set(build_parser().flag_needs) - set(argparser.GENERAL_FLAG_NEEDS)
 
 
