@@ -40,6 +40,24 @@ def test_report_of_a_crafted_matrix():
         "  class 20 c20 (future): its 15 pixels are predicted as: 100.0 % (15) 7 c7"]
 
 
+def test_grouped_shares_of_a_crafted_matrix():
+    """15-1 step 2: base 1-15, added 16 (step 1) and 17 (step 2), future 18-20."""
+    script = _script()
+    from dataset.tasks import Task
+
+    task = Task("shapes", "15-1", 2)
+    mat = torch.zeros(21, 21, dtype=torch.int64)
+    mat[3, 3], mat[3, 5], mat[3, 0], mat[3, 17] = 50, 10, 20, 20   # base class 3: 100 pixels
+    mat[16, 16], mat[16, 3], mat[16, 17], mat[16, 19] = 40, 20, 30, 10  # added class 16: 100 pixels
+    mat[19, 16] = 99                                                  # a future class: not counted
+    line = script.by_group(mat, [3, 16, 19], task)
+    # own 50+40, another base 10+20, background 20, added 20 (3->17) + 30 (16->17), future 10; of 200
+    assert line == ("  the 200 pixels of classes 3 16 are predicted as: 45.0 % their own class, "
+                    "15.0 % another base class, 10.0 % background, 25.0 % a class added at steps 1-2, "
+                    "5.0 % a future class")
+    assert script.by_group(mat * 3, [3, 16], task, models=3) == line  # three models: counts per model
+
+
 class AlwaysOne(nn.Module):
     def __init__(self, n_seen: int):
         super().__init__()
