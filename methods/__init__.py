@@ -26,13 +26,13 @@ _REGISTRY: dict[str, type[Method]] = {}
 class AnythingBut:
     """``FLAG_NEEDS`` values of a switch that is on at every value but ``off``."""
 
-    off: object
+    off: float
 
     def __contains__(self, value) -> bool:
         return value != self.off
 
     def __str__(self) -> str:
-        return f"anything but {self.off:g}" if isinstance(self.off, float) else f"anything but {self.off}"
+        return f"anything but {self.off:g}"
 
 
 def register(name: str, *aliases: str):

@@ -98,15 +98,14 @@ def by_group(mat: torch.Tensor, classes: list[int], task: Task, models: int = 1)
     seen = [c for c in classes if c not in task.future_classes]
     if not seen:
         return "  (no seen class chosen)"
-    base = set(task.base_classes) - {0}
-    added = set(task.seen_classes) - set(task.base_classes)
-    groups = {"their own class": 0.0, "another base class": 0.0, "background": 0.0,
-              f"a class added at steps 1-{task.step}": 0.0, "a future class": 0.0}
-    names = list(groups)
+    added = f"a class added at steps 1-{task.step}"
+    group_of = {k: "another base class" for k in task.base_classes}
+    group_of.update({k: added for k in task.seen_classes if k not in group_of})
+    group_of[0] = "background"
+    groups = dict.fromkeys(["their own class", "another base class", "background", added, "a future class"], 0.0)
     for c in seen:
         for k, n in enumerate(mat[c].tolist()):
-            group = (0 if k == c else 2 if k == 0 else 1 if k in base else 3 if k in added else 4)
-            groups[names[group]] += n
+            groups["their own class" if k == c else group_of.get(k, "a future class")] += n
     total = max(sum(groups.values()), 1.0)
     parts = ", ".join(f"{100 * n / total:.1f} % {name}" for name, n in groups.items())
     return f"  the {_count(total, models)} pixels of classes {' '.join(map(str, seen))} are predicted as: {parts}"
