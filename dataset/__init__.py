@@ -17,7 +17,7 @@ __all__ = [
 ]
 
 
-def class_names(dataset: str, shapes_version: int = 2) -> list[str] | None:
+def class_names(dataset: str, shapes_version: int = 3) -> list[str] | None:
     """Display names of a dataset's labels, index = class id (None for ADE20K: ids are shown)."""
     from . import voc
     from .incremental import shapes_generator

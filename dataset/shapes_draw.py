@@ -29,7 +29,8 @@ PALETTE = {"red": 0.0, "orange": 30.0, "yellow": 58.0, "green": 120.0, "cyan": 1
            "purple": 275.0, "pink": 320.0, "white": None, "black": None}
 COLOURS = tuple(PALETTE)
 
-# Scene layout shared by the benchmark and the pool's scenes: 1-4 objects, radius a fraction of the image.
+# Scene layout: objects per image of the pool's scenes and generators 1-2 (1-4), radius a fraction
+# of the image (every generator).
 NUM_OBJECTS_P = (0.35, 0.35, 0.2, 0.1)
 OBJECT_RADIUS = (0.16, 0.3)
 

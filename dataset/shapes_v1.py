@@ -1,4 +1,4 @@
-"""Generator 1 of the synthetic set (`--shapes_version 1`; generator 2 replaced it as the default),
+"""Generator 1 of the synthetic set (`--shapes_version 1`; generators 2 and 3 replaced it as the default),
 generated on the fly.
 
 Why: continual-learning effects (forgetting, what distillation keeps) become visible on a CPU
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import shapes
+from . import shapes, shapes_v2
 from .shapes_draw import direction as _direction
 from .shapes_draw import hsv as _hsv
 from .shapes_draw import label_objects
@@ -61,7 +61,7 @@ CLASSES = _make_classes()  # CLASSES[k - 1] is class k
 CLASS_NAMES = ["background"] + [c.name for c in CLASSES]
 NUM_FOREGROUND = len(CLASSES)
 
-# Co-occurring pairs and objects per image: the same as generator 2's (shapes.draw_classes).
+# Co-occurring pairs and objects per image: the same as generator 2's (shapes_v2.COMPOSITION).
 PAIRS, PARTNER = shapes.PAIRS, shapes.PARTNER
 
 
@@ -80,7 +80,7 @@ def _rngs(seed: int, split: str, index: int) -> tuple[np.random.Generator, np.ra
 
 
 def _layout(rng: np.random.Generator, size: int) -> list[_Object]:
-    classes = shapes.draw_classes(rng)
+    classes = shapes.draw_classes(rng, shapes_v2.COMPOSITION)
     objects = [
         _Object(
             cls=c,

@@ -9,15 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["--backbone", "resnet18", "--width", "0.125", "--norm_act", "abn",
         "--no_pretrained", "--crop_size", "48", "--batch_size", "4", "--num_workers", "0",
         "--epochs", "1", "--lr", "0.01", "0.001", "--no_progress"]
 TINY = ["--dataset", "shapes", *MODEL, "--shapes_image_size", "48", "--shapes_train_size", "96",
-        "--shapes_val_size", "40"]
+        "--shapes_val_size", "60"]
 
 
 def cli(*args, cwd=None):
@@ -184,8 +186,11 @@ def test_shapes_written_to_disk_train_through_the_voc_loader(tmp_path):
 def test_corrupt_image_names_the_file(tmp_path):
     root = tmp_path / "voc"
     make_shapes(root, 24, 8)
-    images = sorted((root / "VOC2012" / "JPEGImages").glob("*.jpg"))
-    bad = images[3]
+    base = root / "VOC2012"
+    # a training image that step 0 reads: it shows a class of 1-15
+    bad = next(image for image in sorted((base / "JPEGImages").glob("train_*.jpg"))
+               if any(0 < c <= 15 for c in np.unique(np.array(Image.open(base / "SegmentationClassAug"
+                                                                        / f"{image.stem}.png")))))
     bad.write_bytes(b"not a jpeg at all")
     proc = cli(*MODEL, "--dataset", "voc", "--data_root", str(root), "--task", "15-1",
                "--overlap", "--step", "0", "--logdir", str(tmp_path / "r"))

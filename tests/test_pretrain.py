@@ -47,7 +47,7 @@ def test_pretraining_is_deterministic_and_learns():
 
 def test_the_demos_step0_loads_the_shipped_pool_weights():
     opts = parse_args(["--dataset", "shapes", "--task", "15-1", *DEMO])
-    assert not opts.no_pretrained and opts.shapes_version == 2
+    assert not opts.no_pretrained and opts.shapes_version == 3
     path = pretrained_path(opts)
     assert path.parent == ROOT / "pretrained" and path.is_file()
     expected = read_pretrained(path)  # the body's keys, classifier dropped

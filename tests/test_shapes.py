@@ -1,6 +1,6 @@
-"""The synthetic shapes set, both generators: determinism, class coverage and balance, VOC-like
+"""The synthetic shapes set, every generator: determinism, class coverage and balance, VOC-like
 boundaries, and the on-disk copy written by data/make_shapes.py read back through the VOC loader.
-Generator 2's VOC properties are tested in test_shapes_v2.py."""
+The VOC properties of the default generator are tested in test_shapes_proxy.py."""
 from __future__ import annotations
 
 
@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 
 from dataset.presence import compute_presence
-from dataset import shapes, shapes_v1
+from dataset import shapes, shapes_v2
+from dataset.incremental import SHAPES_GENERATORS as GENERATORS
 from dataset.voc import voc_split
 
 from scripts_loader import load_script
-
-GENERATORS = {1: shapes_v1, 2: shapes}
 
 
 @pytest.fixture(params=sorted(GENERATORS), ids=lambda v: f"generator{v}")
@@ -61,8 +60,8 @@ def test_paired_classes_co_occur_more_than_chance(version):
         values = np.unique(GENERATORS[version].generate_label(0, "train", index))
         present[values[values < 21]] = True
         together += np.outer(present, present)
-    pair_rate = np.mean([together[a, b] for a, b in GENERATORS[version].PAIRS])
-    off_pairs = [(a, b) for a in range(1, 21) for b in range(a + 1, 21) if (a, b) not in GENERATORS[version].PAIRS]
+    pair_rate = np.mean([together[a, b] for a, b in shapes.PAIRS])
+    off_pairs = [(a, b) for a in range(1, 21) for b in range(a + 1, 21) if (a, b) not in shapes.PAIRS]
     other_rate = np.mean([together[a, b] for a, b in off_pairs])
     assert pair_rate > 3 * other_rate
 
