@@ -104,7 +104,7 @@ class Composition:
 # VOC's composition, from MiB's 15-5 and 19-1 image indices (``dataset.tasks.VOC_TRAIN_IMAGES``):
 # 52.7 % of the images holding a class of 16-20 also hold one of 1-15, (9568 - 8437) / 2145, and
 # 68.6 % of the tv images one of 1-19, (548 - (10582 - 10410)) / 548; VOC 2012's segmentation
-# trainval holds 6929 objects in 2913 images, 2.38 per image.  This composition gives 53 %, 57 %
+# trainval holds 6929 objects in 2913 images, 2.38 per image.  This composition gives 53 %, 56 %
 # and 2.3 (tests/test_shapes_proxy.py); generator 2's (``shapes_v2``), 77 %, 78 % and 2.1.
 COMPOSITION = Composition(objects_p=(0.3, 0.3, 0.2, 0.2), same_p=0.6, partner_p=0.2)
 
