@@ -6,8 +6,8 @@ here and read back with ``--dataset voc --data_root DIR``, it exercises the real
 
     python data/make_shapes.py --root DIR [--train 2000 --val 300 --size 64 --seed 0]
 
-(the demo's and the leaderboard's set has 4000 training images, ``--shapes_train_size 4000`` in
-``scripts/demo_flags.txt``: write it with ``--train 4000``)
+(the demo's and the leaderboard's set has 5000 training images, ``--shapes_train_size 5000`` in
+``scripts/demo_flags.txt``: write it with ``--train 5000``)
 
 writes ``DIR/VOC2012/JPEGImages/*.jpg`` (quality 95, 4:4:4),
 ``DIR/VOC2012/SegmentationClassAug/*.png`` (palette mode, VOC palette) and

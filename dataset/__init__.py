@@ -17,9 +17,11 @@ __all__ = [
 ]
 
 
-def class_names(dataset: str, shapes_version: int = 3) -> list[str] | None:
-    """Display names of a dataset's labels, index = class id (None for ADE20K: ids are shown)."""
+def class_names(dataset: str, shapes_version: int | None = None) -> list[str] | None:
+    """Display names of a dataset's labels, index = class id (None for ADE20K: ids are shown);
+    ``shapes_version`` None is the default generator."""
     from . import voc
-    from .incremental import shapes_generator
+    from .incremental import SHAPES_GENERATORS
 
-    return {"voc": voc.CLASS_NAMES, "shapes": shapes_generator(shapes_version).CLASS_NAMES}.get(dataset)
+    shapes = SHAPES_GENERATORS[shapes_version or max(SHAPES_GENERATORS)]
+    return {"voc": voc.CLASS_NAMES, "shapes": shapes.CLASS_NAMES}.get(dataset)

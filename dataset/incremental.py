@@ -140,7 +140,7 @@ class DataOptions:
 # The synthetic set's generators by ``--shapes_version``: the VOC-like proxy of README "Results on
 # the synthetic benchmark" (3, the default), the same with fewer instances per class (2), and the
 # first set, one colour per class (1); the older ones reproduce figures measured on them.
-SHAPES_GENERATORS = {1: shapes_v1, 2: shapes_v2, 3: shapes}
+SHAPES_GENERATORS = {module.GENERATOR_VERSION: module for module in (shapes_v1, shapes_v2, shapes)}
 
 
 def shapes_generator(version: int):

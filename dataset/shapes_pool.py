@@ -4,10 +4,10 @@ Every published VOC/ADE run starts its backbone from ImageNet: generic features 
 categories that share the benchmark's low-level vocabulary (colours, textures, parts) but are
 not its classes.  The pool (``shapes.POOL``) is that for the shapes set: every (shape, texture)
 combination of the shared drawing primitives that is *not* a benchmark class, each in three
-colours of the shared palette.  A pool scene is the benchmark's layout (1-4 objects on the
-cluttered background, 255 boundary band) with pool categories instead of classes, labelled per
-pixel, for ``scripts/pretrain_shapes.py``; pool objects also appear, unlabelled, in the
-background of the benchmark's images.
+colours of the shared palette.  A pool scene is the benchmark's layout (1-4 objects, as many as
+generator 2's images hold, on the cluttered background, 255 boundary band) with pool categories
+instead of classes, labelled per pixel, for ``scripts/pretrain_shapes.py``; pool objects also
+appear, unlabelled, in the background of the benchmark's images.
 
 A scene is a pure function of (seed, index), like a benchmark sample.
 """

@@ -15,7 +15,7 @@ from segmentation_module import PretrainedWeightsError, make_model, pretrained_p
 from scripts_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-# the demo's and the leaderboard's shared settings: generator 2 (the default), the small network, pool-pretrained
+# the demo's and the leaderboard's shared settings: generator 3 (the default), the small network, pool-pretrained
 DEMO = (ROOT / "scripts" / "demo_flags.txt").read_text().split()
 
 
