@@ -17,7 +17,7 @@ import pkgutil
 from pathlib import Path
 
 import methods
-from dataset.incremental import SHAPES_GENERATORS
+from dataset.incremental import DEFAULT_SHAPES_VERSION, SHAPES_GENERATORS
 from dataset.tasks import TASKS, Task, TaskError, canonical_task
 from utils.errors import ConfigError
 
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shapes_val_size", type=int, default=300)
     g.add_argument("--shapes_image_size", type=int, default=64)
     g.add_argument("--shapes_seed", type=int, default=0)
-    g.add_argument("--shapes_version", type=int, choices=sorted(SHAPES_GENERATORS), default=max(SHAPES_GENERATORS),
+    g.add_argument("--shapes_version", type=int, choices=sorted(SHAPES_GENERATORS), default=DEFAULT_SHAPES_VERSION,
                    help="synthetic generator: 3 (the VOC-like proxy, pool-pretrained), 2 (the same with fewer "
                         "instances per class) or 1 (the first set, one colour per class); the older ones are kept "
                         "to reproduce figures measured on them (README, Results on the synthetic benchmark)")

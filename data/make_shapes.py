@@ -23,13 +23,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataset.incremental import SHAPES_GENERATORS, shapes_generator  # noqa: E402
+from dataset.incremental import DEFAULT_SHAPES_VERSION, SHAPES_GENERATORS, shapes_generator  # noqa: E402
 from dataset.voc import voc_palette  # noqa: E402
 
 JPEG_QUALITY = 95
 
 
-def write_split(base: Path, split: str, count: int, size: int, seed: int, version: int = 3) -> list[str]:
+def write_split(base: Path, split: str, count: int, size: int, seed: int, version: int = DEFAULT_SHAPES_VERSION) -> list[str]:
     """Write ``count`` samples of ``split``; return their image ids."""
     palette = voc_palette()
     ids = []
@@ -46,7 +46,7 @@ def write_split(base: Path, split: str, count: int, size: int, seed: int, versio
     return ids
 
 
-def write_shapes(root: Path, train: int, val: int, size: int, seed: int, version: int = 3) -> Path:
+def write_shapes(root: Path, train: int, val: int, size: int, seed: int, version: int = DEFAULT_SHAPES_VERSION) -> Path:
     """Write both splits under ``root/VOC2012``; return that folder."""
     base = root / "VOC2012"
     for folder in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val", type=int, default=300, help="number of validation images")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (--shapes_seed)")
-    parser.add_argument("--version", type=int, choices=sorted(SHAPES_GENERATORS), default=max(SHAPES_GENERATORS),
+    parser.add_argument("--version", type=int, choices=sorted(SHAPES_GENERATORS), default=DEFAULT_SHAPES_VERSION,
                         help="generator (--shapes_version)")
     args = parser.parse_args(argv)
     if args.train < 1 or args.val < 1 or args.size < 16:

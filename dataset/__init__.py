@@ -21,7 +21,7 @@ def class_names(dataset: str, shapes_version: int | None = None) -> list[str] | 
     """Display names of a dataset's labels, index = class id (None for ADE20K: ids are shown);
     ``shapes_version`` None is the default generator."""
     from . import voc
-    from .incremental import SHAPES_GENERATORS
+    from .incremental import DEFAULT_SHAPES_VERSION, SHAPES_GENERATORS
 
-    shapes = SHAPES_GENERATORS[shapes_version or max(SHAPES_GENERATORS)]
+    shapes = SHAPES_GENERATORS[shapes_version or DEFAULT_SHAPES_VERSION]
     return {"voc": voc.CLASS_NAMES, "shapes": shapes.CLASS_NAMES}.get(dataset)

@@ -113,6 +113,13 @@ class IncrementalSegmentation(Dataset):
         return image_tensor(image), remap_label(label, self.lut)
 
 
+# The synthetic set's generators by ``--shapes_version``: the VOC-like proxy of README "Results on
+# the synthetic benchmark" (3, the default), the same with fewer instances per class (2), and the
+# first set, one colour per class (1); the older ones reproduce figures measured on them.
+SHAPES_GENERATORS = {module.GENERATOR_VERSION: module for module in (shapes_v1, shapes_v2, shapes)}
+DEFAULT_SHAPES_VERSION = shapes.GENERATOR_VERSION
+
+
 @dataclass(frozen=True)
 class DataOptions:
     """The options the data layer reads (argparser defines them; defaults for bare namespaces)."""
@@ -128,19 +135,13 @@ class DataOptions:
     shapes_val_size: int = 300
     shapes_image_size: int = 64
     shapes_seed: int = 0
-    shapes_version: int = shapes.GENERATOR_VERSION
+    shapes_version: int = DEFAULT_SHAPES_VERSION
     num_workers: int = 0
 
     @classmethod
     def from_opts(cls, opts: Any) -> "DataOptions":
         names = cls.__dataclass_fields__
         return cls(**{n: getattr(opts, n) for n in names if hasattr(opts, n)})
-
-
-# The synthetic set's generators by ``--shapes_version``: the VOC-like proxy of README "Results on
-# the synthetic benchmark" (3, the default), the same with fewer instances per class (2), and the
-# first set, one colour per class (1); the older ones reproduce figures measured on them.
-SHAPES_GENERATORS = {module.GENERATOR_VERSION: module for module in (shapes_v1, shapes_v2, shapes)}
 
 
 def shapes_generator(version: int):
