@@ -25,6 +25,7 @@ image (the class-presence index of a split is cheap).
 """
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -38,6 +39,7 @@ from .shapes_pool import pool_categories
 
 GENERATOR_VERSION = 3  # bump when the output changes: it keys the presence cache
 SPLITS = {"train": 0, "val": 1}
+PROBE_IMAGES = 4  # labels rendered into the presence cache's key (``ShapesSplit.cache_key``)
 
 # The 20 classes in design order: (shape, texture, colours).  Every class comes in a warm, a cool
 # and a third colour, so no class owns a hue (cars, boats and birds come in any colour).  Rows 1-2,
@@ -206,6 +208,10 @@ class ShapesSplit:
         return self.label_array, range(self.num_images)
 
     def cache_key(self) -> str:
-        parts = {"split": self.split, "n": self.num_images, "size": self.image_size,
-                 "seed": self.seed, "version": self._generator.GENERATOR_VERSION}
+        """Keyed by the generator's output as well as its version: the labels of the first images
+        enter the key, so an edited generator (another composition, say) never reads the index of
+        the one before it, even where GENERATOR_VERSION was not bumped."""
+        probe = hashlib.sha256(b"".join(self.label_array(i).tobytes() for i in range(min(PROBE_IMAGES, len(self)))))
+        parts = {"split": self.split, "n": self.num_images, "size": self.image_size, "seed": self.seed,
+                 "version": self._generator.GENERATOR_VERSION, "labels": probe.hexdigest()[:16]}
         return f"shapes-{self.split}-{cache_key_of(parts)}"

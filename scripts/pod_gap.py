@@ -17,6 +17,7 @@ means, in running standard deviations (the shift at its source).
     python scripts/pod_gap.py --dataset shapes --task 15-1 --overlap --step 1 \\
         $(cat scripts/demo_flags.txt) --logdir runs --name PLOP --batch_sizes 4 16 64
     python scripts/pod_gap.py ... --ckpt path/to/step-0.pth   # any step t-1 checkpoint
+    python scripts/pod_gap.py ... --per_class                  # and the shift of each class's images
 
 Takes run.py's flags (dataset, task, model, ``--step t``); the checkpoint defaults to the
 run's ``step-{t-1}.pth``.
@@ -33,14 +34,17 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import run  # noqa: E402  (run.py's model builder and its user errors)
 from argparser import parse_args, run_dir  # noqa: E402
 from dataset import build_datasets  # noqa: E402
+from dataset.incremental import DataOptions, IncrementalSegmentation, cache_folder, open_split  # noqa: E402
+from dataset.presence import presence_index, select_images  # noqa: E402
 from dataset.tasks import Task  # noqa: E402
-from dataset.transforms import device_batch  # noqa: E402
+from dataset.transforms import device_batch, train_transform  # noqa: E402
 from methods.pod import PREPRO, distilled_layers, local_pod_embedding, pod_distance  # noqa: E402
 from modules.norm import is_norm_layer  # noqa: E402
 from utils.distributed import DistInfo, resolve_device  # noqa: E402
@@ -92,6 +96,9 @@ def main(argv=None) -> None:
     parser.add_argument("--ckpt", default=None, help="step t-1 checkpoint (default: the run's step-{t-1}.pth)")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[4, 16, 64])
     parser.add_argument("--batches", type=int, default=4, help="batches averaged per batch size")
+    parser.add_argument("--per_class", action="store_true",
+                        help="also the first norm layer shift of each class's training images: how far a "
+                             "single-class step may sit from step 0 whatever the class order")
     args, run_argv = parser.parse_known_args(argv)
     opts = parse_args(run_argv, tool_reads=frozenset({"spp_scales", "pod_prepro"}))
     if len(opts.step) != 1 or opts.step[0] < 1:
@@ -125,6 +132,39 @@ def main(argv=None) -> None:
         images = build_datasets(opts, task.at(data_step))[0]
         batch = next(iter(torch.utils.data.DataLoader(images, batch_size=max(args.batch_sizes), shuffle=True)))
         print(f"step {data_step}: {first_norm_shift(model, device_batch(batch[0], batch[1], device)[0]):.3f}")
+    if args.per_class:
+        print_class_shifts(model, opts, task, max(args.batch_sizes), device)
+
+
+def class_images(opts, cls: int) -> IncrementalSegmentation:
+    """The training images holding ``cls`` (what a step adding only ``cls`` trains on, overlap
+    protocol), under the training transform, labels unmapped."""
+    options = DataOptions.from_opts(opts)
+    source = open_split(options, "train")
+    presence = presence_index(source, cache_folder(options), options.num_workers)
+    indices = select_images(presence, [cls], [], overlap=True)
+    return IncrementalSegmentation(source, indices, train_transform(options.crop_size),
+                                   np.arange(256, dtype=np.uint8), presence[indices])
+
+
+def print_class_shifts(model: nn.Module, opts, task: Task, images_per_class: int, device, line: float = 0.1) -> None:
+    """The first norm layer shift of each class's images, largest first, and how many classes
+    stay within ``line``: under a random class order every class is equally likely to be any
+    step's, so this is what a single-class increment may show whatever the order."""
+    num_classes = max(c for classes in task.all_steps for c in classes) + 1
+    shifts = {}
+    for cls in range(1, num_classes):
+        images = class_images(opts, cls)
+        if len(images):
+            batch = next(iter(torch.utils.data.DataLoader(images, batch_size=images_per_class, shuffle=True)))
+            shifts[cls] = (first_norm_shift(model, device_batch(batch[0], batch[1], device)[0]), len(batch[0]))
+    step_of = {c: s for s, classes in enumerate(task.all_steps) for c in classes}
+    print(f"\nfirst norm layer shift of each class's training images (up to {images_per_class} each; "
+          f"classes without a training image: {sorted(set(range(1, num_classes)) - set(shifts)) or 'none'})")
+    for cls, (shift, count) in sorted(shifts.items(), key=lambda item: -item[1][0]):
+        print(f"class {cls:3d} (step {step_of.get(cls, '-')}): {shift:.3f}  ({count} images)")
+    within = sum(shift <= line for shift, _ in shifts.values())
+    print(f"classes within {line} running standard deviations: {within} of {len(shifts)}")
 
 
 def gap_row(model, train_copy, dataset, batch_size: int, batches: int, opts, device) -> str:

@@ -5,6 +5,7 @@ traceback, and nothing on disk changed.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,9 +75,19 @@ def test_pod_gap_script_reports_both_steps_images_and_changes_nothing(trained):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "pod_gap.py"), *TINY, "--task", "15-1",
                            "--overlap", "--step", "1", "--name", "ft", "--logdir", str(logdir),
-                           "--spp_scales", "1", "2", "--batch_sizes", "2", "4", "--batches", "2"],
+                           "--spp_scales", "1", "2", "--batch_sizes", "2", "4", "--batches", "2", "--per_class"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
+    # --per_class: one line per class holding a training image, its step under 15-1, its image count
+    # (up to the largest batch size), counted here from the labels alone
+    from dataset.shapes import generate_label
+    holding = {c: sum(c in generate_label(0, "train", i, 48) for i in range(96)) for c in range(1, 21)}
+    per_class = {int(m[1]): (int(m[2]), float(m[3]), int(m[4])) for m in
+                 re.finditer(r"class +(\d+) \(step (\d+)\): ([\d.]+) +\((\d+) images\)", proc.stdout)}
+    assert set(per_class) == {c for c, n in holding.items() if n}
+    assert all(step == max(0, c - 15) and count == min(4, holding[c]) for c, (step, _, count) in per_class.items())
+    within = sum(shift <= 0.1 for _, shift, _ in per_class.values())
+    assert f"classes within 0.1 running standard deviations: {within} of {len(per_class)}" in proc.stdout
     assert "training images of step 0" in proc.stdout and "training images of step 1" in proc.stdout
     rows = [l.split("|") for l in proc.stdout.splitlines() if l.strip()[:1].isdigit()]
     assert [int(r[0]) for r in rows] == [2, 4, 2, 4]

@@ -425,6 +425,23 @@ def test_build_datasets_default_shapes_cache_is_under_cwd(tmp_path, monkeypatch)
     assert list((tmp_path / ".cache" / "shapes").glob("presence-shapes-train-*.npy"))
 
 
+def test_edited_generator_does_not_read_the_cached_index_of_the_one_before(tmp_path, monkeypatch):
+    """The synthetic set's cache key holds its first labels: a generator edited without a version
+    bump (another composition) computes its own index instead of reading a stale one."""
+    from functools import partial
+    from dataset import shapes
+
+    split = shapes.ShapesSplit("train", 200, 32, seed=0)
+    shipped = presence_index(split, tmp_path)
+    edited = shapes.Composition(objects_p=(1.0,), same_p=0.0, partner_p=0.0)  # one object per image
+    monkeypatch.setattr(shapes, "generate_label", partial(shapes.generate_label, composition=edited))
+    fresh = compute_presence(split)
+    assert (fresh[:, 1:21].sum(axis=1) == 1).all()  # the edit shows: one class per image
+    assert not (fresh == shipped).all()
+    assert (presence_index(split, tmp_path) == fresh).all()
+    assert len(list(tmp_path.glob("presence-shapes-train-*.npy"))) == 2
+
+
 def test_build_datasets_without_data_root():
     with pytest.raises(DataError, match="--data_root is required for voc"):
         build_datasets(_opts("voc"), Task("voc", "15-1", 0))
