@@ -4,6 +4,7 @@
     python scripts/leaderboard.py --methods FT MiB PLOP --seeds 42
     python scripts/leaderboard.py --methods MyMethod     # any registered method (README, "Write a method")
     python scripts/leaderboard.py --variant "PLOP+UNKD=PLOP --unkd --loss_kd 10"   # a method with more flags
+    python scripts/leaderboard.py --draws 0 1 2          # on three draws of the images, then over them
 
 Each method runs through ``run.py`` exactly as a user would, with the demo's flags
 (``scripts/demo_flags.txt``).  Step 0 runs once per recipe: methods whose step 0 is plain
@@ -17,7 +18,9 @@ A ``--variant`` row runs its method with more flags at steps 1-5, from that meth
 among its flags (``--variant "LwF-MC-FT0=LwF-MC --step0 FT"``).  Runs go ``--jobs`` at a time (a
 seed as soon as its step-0 run is done), each with its share of the CPUs, its log in
 ``OUT/logs/NAME.log`` and its results in ``OUT/results/NAME.jsonl`` (merged into
-``OUT/results.jsonl``).  Reruns reuse finished steps.
+``OUT/results.jsonl``).  Reruns reuse finished steps.  ``--draws`` repeats the table on other
+draws of the synthetic images (``--shapes_seed``), each in its own folders, and pools them: the
+seeds measure the training's noise, the draws the data's, which moves PLOP - MiB far more.
 """
 from __future__ import annotations
 
@@ -425,10 +428,14 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=min(2, available_cpus()),
                    help="runs at a time, the CPUs shared equally between them (default: 2, or 1 on one CPU; "
                         "two one-thread runs do nearly twice the work of one two-thread run on 2 cores)")
+    p.add_argument("--draws", type=int, nargs="+", default=None, metavar="D",
+                   help="draws of the synthetic set's images (--shapes_seed D): the table on each, under "
+                        "LOGDIR/draw-D and OUT/draw-D, then one over them (mean ± sd of the draws' means); "
+                        "default: the one draw of --flags")
     p.add_argument("--logdir", default="runs/leaderboard")
     p.add_argument("--out", default="results/leaderboard",
                    help="folder for results.jsonl, table.md, table.csv, the plots and each run's log")
-    args, extra = p.parse_known_args(argv)
+    args, args.extra = p.parse_known_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
     if not args.flags.is_file():
@@ -442,11 +449,29 @@ def main(argv=None):
             p.error(f"variant name {variant.name} is a method's name; give the variant another one")
     seeds_of = {m: (args.seeds if m in RANKED or m not in METHODS else args.seeds[:1]) for m in chosen}
     seeds_of |= {v.name: args.seeds for v in args.variant}
-    out, logdir = Path(args.out), Path(args.logdir)
-    out.mkdir(parents=True, exist_ok=True)
-    jobs = plan(chosen, seeds_of, logdir, args.last_step, args.variant)
+    out, logdir, base = Path(args.out), Path(args.logdir), demo_flags(args.flags)
     start = time.perf_counter()
-    minutes = execute(jobs, args.jobs, launcher(logdir, out, extra, demo_flags(args.flags)))
+    if not args.draws:
+        one_table(chosen, seeds_of, args, logdir, out, base)
+    else:
+        tables = {d: one_table(chosen, seeds_of, args, logdir / f"draw-{d}", out / f"draw-{d}",
+                               base + ["--shapes_seed", str(d)], heading=f"draw {d} (--shapes_seed {d})")
+                  for d in args.draws}
+        text = pooled_markdown(tables)
+        (out / "table.md").write_text(text + "\n")
+        print(f"\nover the draws {', '.join(map(str, args.draws))}: mean ± sd of the draws' means\n{text}")
+    print(f"total {(time.perf_counter() - start) / 60:.1f} min wall clock, {args.jobs} at a time")
+
+
+def one_table(chosen: list[str], seeds_of: dict[str, list[int]], args, logdir: Path, out: Path, base: list[str],
+              heading: Optional[str] = None) -> tuple[list[dict], list[str]]:
+    """Run (or reuse) every job of one table, write its files under ``out`` and print it; returns
+    the table and the methods that did not finish."""
+    out.mkdir(parents=True, exist_ok=True)
+    if heading:
+        print(f"\n{heading}")
+    jobs = plan(chosen, seeds_of, logdir, args.last_step, args.variant)
+    minutes = execute(jobs, args.jobs, launcher(logdir, out, args.extra, base))
     failed = [m for m in seeds_of if any(j.name not in minutes for j in runs_of(m, jobs))]
     seeds_of = {m: s for m, s in seeds_of.items() if m not in failed}
     if not seeds_of:
@@ -467,7 +492,37 @@ def main(argv=None):
     for j in jobs:
         per_row[j.row or j.name] = per_row.get(j.row or j.name, 0) + minutes.get(j.name, 0)
     print("run minutes per row (step-0 runs apart): " + ", ".join(f"{m} {v:.1f}" for m, v in per_row.items()))
-    print(f"total {(time.perf_counter() - start) / 60:.1f} min wall clock, {args.jobs} at a time")
+    return table, failed
+
+
+def pool_draws(tables: dict[int, tuple[list[dict], list[str]]]) -> list[dict]:
+    """One row per method that finished on every draw: the mean and sd over draws of its
+    per-draw means (the seeds' spread is each draw's table's)."""
+    per_draw = [{r["method"]: r for r in table} for table, _ in tables.values()]
+    pooled = []
+    for method in [m for m in per_draw[0] if all(m in rows for rows in per_draw)]:
+        rows = [draw[method] for draw in per_draw]
+        row = {"method": method, "seeds": f"{len(rows)}×{rows[0]['seeds']}"}
+        for key in SCORES:
+            values = [r[key] for r in rows if r[key] is not None]
+            row[key] = statistics.mean(values) if values else None
+            row[key + "_sd"] = statistics.stdev(values) if len(values) > 1 else None
+        row.update({k: rows[0][k] for k in ("voc_old", "voc_new", "voc_all", "voc_source")})
+        pooled.append(row)
+    return pooled
+
+
+def pooled_markdown(tables: dict[int, tuple[list[dict], list[str]]]) -> str:
+    """The pooled table (its *seeds* column: draws × seeds), each draw's Spearman and the methods
+    left out of some draw."""
+    text = markdown(pool_draws(tables)).replace("| method | seeds |", "| method | draws × seeds |")
+    rhos = ", ".join(f"draw {d} {rho:.2f}" for d, (table, _) in tables.items()
+                     for rho in [ranking_correlation(table)[0]] if rho is not None)
+    text += f"\nSpearman of each draw's table: {rhos}" if rhos else ""
+    for method in dict.fromkeys(m for _, failed in tables.values() for m in failed):
+        draws = [str(d) for d, (_, failed) in tables.items() if method in failed]
+        text += f"\n{method}: did not finish on draw {', '.join(draws)} (left out)"
+    return text
 
 
 if __name__ == "__main__":

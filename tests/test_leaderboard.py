@@ -225,3 +225,47 @@ def test_a_variant_with_refused_flags_stops_before_any_run(tmp_path, monkeypatch
     assert calls == [] and not (tmp_path / "runs").exists()
     # PLOP reads both flags and its preset sets --pod_logits, which --pod_new_logits needs.
     assert lb.parse_variant("X=PLOP --pod_new_logits drop").flags == ("--pod_new_logits", "drop")
+
+
+_FAKE_DRAW_RUN = """
+import json, sys
+results, name, draw, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+if name == "PLOP-seed1" and draw == 1:
+    print("error: the loss became NaN at step 1; lower --lr"); sys.exit(2)
+# all-class mIoU: method's base (FT 0.05, MiB 0.30, PLOP 0.50) + 0.1 x draw + 0.01 x (seed == 1)
+base = {"FT": 0.05, "MiB": 0.30, "PLOP": 0.50}[name.split("-")[0]]
+with open(results, "a") as f:
+    for step in map(int, steps):
+        f.write(json.dumps({"dataset": "shapes", "task": "15-1", "overlap": True, "name": name, "step": step,
+                            "miou_all": base + 0.1 * draw + 0.01 * name.endswith("seed1"), "miou_old": 0.5,
+                            "miou_new": 0.1, "hiou": 0.2, "class_iou": [0.5] * (16 + step)}) + "\\n")
+"""
+
+
+def test_draws_run_one_table_per_draw_and_pool_their_means(tmp_path, monkeypatch, capsys):
+    """--draws: each draw's runs get --shapes_seed D and their own folders; the pooled row is the mean
+    and sd over draws of each draw's seed mean; a method failing on one draw leaves the pooled table."""
+    lb = _leaderboard()
+    out, logdir = tmp_path / "out", tmp_path / "runs"
+    commands = []
+
+    def fake(job, logdir, results, extra, base):
+        commands.append((job.name, str(logdir), base[-2:]))
+        return [sys.executable, "-c", _FAKE_DRAW_RUN, str(results), job.name, base[-1], *job.steps]
+
+    monkeypatch.setattr(lb, "command", fake)
+    lb.main(["--methods", "FT", "MiB", "PLOP", "--seeds", "42", "1", "--last_step", "1", "--draws", "0", "2", "1",
+             "--logdir", str(logdir), "--out", str(out)])
+    printed = capsys.readouterr().out
+    for draw in (0, 1, 2):
+        ran = [(name, folder) for name, folder, flags in commands if flags == ["--shapes_seed", str(draw)]]
+        assert len(ran) == 7 and {folder for _, folder in ran} == {str(logdir / f"draw-{draw}")}
+        assert (out / f"draw-{draw}" / "table.md").is_file() and f"draw {draw} (--shapes_seed {draw})" in printed
+    pooled = (out / "table.md").read_text()
+    # MiB: draw means 0.305, 0.505, 0.405 (draws 0, 2, 1) -> 40.50 ± 10.00; FT 15.50 ± 10.00
+    assert "| MiB | 3×2 | 50.00 ± 0.00 | 10.00 ± 0.00 | 40.50 ± 10.00 |" in pooled
+    assert "| FT | 3×2 |" in pooled and "| PLOP |" not in pooled
+    assert "PLOP: did not finish on draw 1 (left out)" in pooled
+    # each draw's table ranks FT < MiB < PLOP as VOC does; the pooled one has FT and MiB only (< 3)
+    assert "Spearman of each draw's table: draw 0 1.00, draw 2 1.00" in pooled
+    assert "over the draws 0, 2, 1" in printed
