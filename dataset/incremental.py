@@ -176,6 +176,12 @@ def cache_folder(options: DataOptions) -> Path:
     return Path(options.data_root).expanduser() / ".cache"
 
 
+def indexed_split(options: DataOptions, split: str) -> tuple[Any, np.ndarray]:
+    """A full split and its class-presence index (computed once, then read from ``cache_folder``)."""
+    source = open_split(options, split)
+    return source, presence_index(source, cache_folder(options), max(0, int(options.num_workers or 0)))
+
+
 def _require_images(indices: np.ndarray, what: str, task: Task, classes: list[int]) -> None:
     if len(indices) == 0:
         fix = "use --overlap or more data" if what == "disjoint training" else "use more data"
@@ -201,11 +207,8 @@ def build_datasets(opts: Any, task: Task) -> tuple[IncrementalSegmentation, ...]
     options = DataOptions.from_opts(opts)
     if options.masking not in MASKINGS:
         raise DataError(f"unknown masking {options.masking!r}; choose one of {', '.join(MASKINGS)}")
-    train_src, val_src = open_split(options, "train"), open_split(options, "val")
-    cache = cache_folder(options)
-    workers = max(0, int(options.num_workers or 0))
-    train_presence = presence_index(train_src, cache, workers)
-    val_presence = presence_index(val_src, cache, workers)
+    train_src, train_presence = indexed_split(options, "train")
+    val_src, val_presence = indexed_split(options, "val")
     num_classes = max(c for classes in task.all_steps for c in classes) + 1
     for source, presence in ((train_src, train_presence), (val_src, val_presence)):
         check_label_values(presence, num_classes, lambda i, s=source: _describe(s, i))

@@ -41,8 +41,8 @@ from torch import nn  # noqa: E402
 import run  # noqa: E402  (run.py's model builder and its user errors)
 from argparser import parse_args, run_dir  # noqa: E402
 from dataset import build_datasets  # noqa: E402
-from dataset.incremental import DataOptions, IncrementalSegmentation, cache_folder, open_split  # noqa: E402
-from dataset.presence import presence_index, select_images  # noqa: E402
+from dataset.incremental import DataOptions, IncrementalSegmentation, indexed_split  # noqa: E402
+from dataset.presence import select_images  # noqa: E402
 from dataset.tasks import Task  # noqa: E402
 from dataset.transforms import device_batch, train_transform  # noqa: E402
 from methods.pod import PREPRO, distilled_layers, local_pod_embedding, pod_distance  # noqa: E402
@@ -136,15 +136,14 @@ def main(argv=None) -> None:
         print_class_shifts(model, opts, task, max(args.batch_sizes), device)
 
 
-def class_images(opts, cls: int) -> IncrementalSegmentation:
-    """The training images holding ``cls`` (what a step adding only ``cls`` trains on, overlap
-    protocol), under the training transform, labels unmapped."""
+def class_images(opts, classes: range) -> dict[int, IncrementalSegmentation]:
+    """Per class, the training images holding it (what a step adding only that class trains on,
+    overlap protocol), under the training transform, labels unmapped."""
     options = DataOptions.from_opts(opts)
-    source = open_split(options, "train")
-    presence = presence_index(source, cache_folder(options), options.num_workers)
-    indices = select_images(presence, [cls], [], overlap=True)
-    return IncrementalSegmentation(source, indices, train_transform(options.crop_size),
-                                   np.arange(256, dtype=np.uint8), presence[indices])
+    source, presence = indexed_split(options, "train")
+    transform, identity = train_transform(options.crop_size), np.arange(256, dtype=np.uint8)
+    return {cls: IncrementalSegmentation(source, indices, transform, identity, presence[indices])
+            for cls in classes for indices in [select_images(presence, [cls], [], overlap=True)]}
 
 
 def print_class_shifts(model: nn.Module, opts, task: Task, images_per_class: int, device, line: float = 0.1) -> None:
@@ -153,8 +152,7 @@ def print_class_shifts(model: nn.Module, opts, task: Task, images_per_class: int
     step's, so this is what a single-class increment may show whatever the order."""
     num_classes = max(c for classes in task.all_steps for c in classes) + 1
     shifts = {}
-    for cls in range(1, num_classes):
-        images = class_images(opts, cls)
+    for cls, images in class_images(opts, range(1, num_classes)).items():
         if len(images):
             batch = next(iter(torch.utils.data.DataLoader(images, batch_size=images_per_class, shuffle=True)))
             shifts[cls] = (first_norm_shift(model, device_batch(batch[0], batch[1], device)[0]), len(batch[0]))
