@@ -19,7 +19,8 @@ among its flags (``--variant "LwF-MC-FT0=LwF-MC --step0 FT"``).  Runs go ``--job
 seed as soon as its step-0 run is done), each with its share of the CPUs, its log in
 ``OUT/logs/NAME.log`` and its results in ``OUT/results/NAME.jsonl`` (merged into
 ``OUT/results.jsonl``).  Reruns reuse finished steps.  ``--draws`` repeats the table on other
-draws of the synthetic images (``--shapes_seed``), each in its own folders, and pools them: the
+draws of the synthetic images (``--shapes_seed``), each in its own folders (the draw of ``--flags``
+in the plain table's LOGDIR, so its runs are reused), and pools them: the
 seeds measure the training's noise, the draws the data's, which moves PLOP - MiB far more.
 """
 from __future__ import annotations
@@ -429,8 +430,9 @@ def main(argv=None):
                    help="runs at a time, the CPUs shared equally between them (default: 2, or 1 on one CPU; "
                         "two one-thread runs do nearly twice the work of one two-thread run on 2 cores)")
     p.add_argument("--draws", type=int, nargs="+", default=None, metavar="D",
-                   help="draws of the synthetic set's images (--shapes_seed D): the table on each, under "
-                        "LOGDIR/draw-D and OUT/draw-D, then one over them (mean ± sd of the draws' means); "
+                   help="draws of the synthetic set's images (--shapes_seed D): the table on each, its runs "
+                        "under LOGDIR/draw-D (the draw of --flags: LOGDIR, reusing the plain table's runs) and "
+                        "its files under OUT/draw-D, then one over them (mean ± sd of the draws' means); "
                         "default: the one draw of --flags")
     p.add_argument("--logdir", default="runs/leaderboard")
     p.add_argument("--out", default="results/leaderboard",
@@ -454,8 +456,10 @@ def main(argv=None):
     if not args.draws:
         one_table(chosen, seeds_of, args, logdir, out, base)
     else:
-        tables = {d: one_table(chosen, seeds_of, args, logdir / f"draw-{d}", out / f"draw-{d}",
-                               base + ["--shapes_seed", str(d)], heading=f"draw {d} (--shapes_seed {d})")
+        own = parse_args(["--dataset", "shapes", *base]).shapes_seed  # the draw the plain table ran on
+        tables = {d: one_table(chosen, seeds_of, args, logdir if d == own else logdir / f"draw-{d}",
+                               out / f"draw-{d}", base + ["--shapes_seed", str(d)],
+                               heading=f"draw {d} (--shapes_seed {d})")
                   for d in args.draws}
         text = pooled_markdown(tables)
         (out / "table.md").write_text(text + "\n")

@@ -243,8 +243,9 @@ with open(results, "a") as f:
 
 
 def test_draws_run_one_table_per_draw_and_pool_their_means(tmp_path, monkeypatch, capsys):
-    """--draws: each draw's runs get --shapes_seed D and their own folders; the pooled row is the mean
-    and sd over draws of each draw's seed mean; a method failing on one draw leaves the pooled table."""
+    """--draws: each draw's runs get --shapes_seed D and their own folders, but the draw of --flags
+    runs in the plain table's LOGDIR (its runs are reused); the pooled row is the mean and sd over
+    draws of each draw's seed mean; a method failing on one draw leaves the pooled table."""
     lb = _leaderboard()
     out, logdir = tmp_path / "out", tmp_path / "runs"
     commands = []
@@ -259,7 +260,7 @@ def test_draws_run_one_table_per_draw_and_pool_their_means(tmp_path, monkeypatch
     printed = capsys.readouterr().out
     for draw in (0, 1, 2):
         ran = [(name, folder) for name, folder, flags in commands if flags == ["--shapes_seed", str(draw)]]
-        assert len(ran) == 7 and {folder for _, folder in ran} == {str(logdir / f"draw-{draw}")}
+        assert len(ran) == 7 and {folder for _, folder in ran} == {str(logdir if draw == 0 else logdir / f"draw-{draw}")}
         assert (out / f"draw-{draw}" / "table.md").is_file() and f"draw {draw} (--shapes_seed {draw})" in printed
     pooled = (out / "table.md").read_text()
     # MiB: draw means 0.305, 0.505, 0.405 (draws 0, 2, 1) -> 40.50 ± 10.00; FT 15.50 ± 10.00
@@ -269,3 +270,20 @@ def test_draws_run_one_table_per_draw_and_pool_their_means(tmp_path, monkeypatch
     # each draw's table ranks FT < MiB < PLOP as VOC does; the pooled one has FT and MiB only (< 3)
     assert "Spearman of each draw's table: draw 0 1.00, draw 2 1.00" in pooled
     assert "over the draws 0, 2, 1" in printed
+
+
+def test_draws_reuse_the_plain_tables_runs_for_the_draw_of_the_flags_file(tmp_path, monkeypatch):
+    """A flags file on draw 1: --draws 1 2 runs draw 1 in LOGDIR itself, where the plain table ran."""
+    lb = _leaderboard()
+    flags = tmp_path / "flags.txt"
+    flags.write_text(lb.DEMO_FLAGS.read_text().strip() + " --shapes_seed 1\n")
+    logdir, folders = tmp_path / "runs", {}
+
+    def fake(job, logdir, results, extra, base):
+        folders.setdefault(base[-1], set()).add(str(logdir))
+        return [sys.executable, "-c", _FAKE_DRAW_RUN, str(results), job.name, base[-1], *job.steps]
+
+    monkeypatch.setattr(lb, "command", fake)
+    lb.main(["--methods", "FT", "MiB", "--seeds", "42", "--last_step", "1", "--draws", "1", "2", "--flags", str(flags),
+             "--logdir", str(logdir), "--out", str(tmp_path / "out")])
+    assert folders == {"1": {str(logdir)}, "2": {str(logdir / "draw-2")}}
