@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from argparser import parse_args, per_step, run_dir
-from dataset import build_datasets, class_names
+from dataset import build_datasets, channel_names
 from dataset.errors import DataError
 from dataset.loaders import eval_loader, train_loader
 from dataset.memory import with_memory
@@ -189,13 +189,14 @@ def test_one_step(opts, info: DistInfo, task: Task, path: Path, logger: Logger, 
     later = [c for s in task.all_steps[1: task.step + 1] for c in s]
     result = {
         "dataset": opts.dataset, "task": opts.task, "overlap": opts.overlap, "method": opts.method,
-        "name": opts.name, "step": task.step, **incremental_scores(scores["class_iou"], task.base_classes, later),
-        "class_iou": list(scores["class_iou"]),  # NaN (absent class) is written as null
+        "name": opts.name, "step": task.step,
+        **incremental_scores(scores["class_iou"], task.channels(task.base_classes), task.channels(later)),
+        "class_iou": list(scores["class_iou"]),  # per output channel; NaN (absent class) is written as null
         "overall_acc": scores["overall_acc"], "seconds": seconds_before + timer(),
         "checkpoint": str(path),
     }
     if info.is_main:
-        names = class_names(opts.dataset, opts.shapes_version)
+        names = channel_names(task, opts.shapes_version)
         logger.info(class_table(scores["class_iou"], names))
         logger.info(summary_header() + "\n" + summary_row(result))
         logger.scalar("test/miou_all", result["miou_all"], task.step)

@@ -25,3 +25,10 @@ def class_names(dataset: str, shapes_version: int | None = None) -> list[str] | 
 
     shapes = SHAPES_GENERATORS[shapes_version or DEFAULT_SHAPES_VERSION]
     return {"voc": voc.CLASS_NAMES, "shapes": shapes.CLASS_NAMES}.get(dataset)
+
+
+def channel_names(task: Task, shapes_version: int | None = None) -> list[str] | None:
+    """Display names of a task's output channels: its classes in learning order (``class_names``
+    itself in the natural order)."""
+    names = class_names(task.dataset, shapes_version)
+    return names and [names[c] for c in task.order]

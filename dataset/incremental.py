@@ -40,11 +40,6 @@ MASKINGS = ("plop", "mib")
 SPLIT_KINDS = ("train", "val", "test")
 
 
-def learning_order(task: Task) -> list[int]:
-    """Original class ids in channel order: background, old classes, new classes."""
-    return [0] + [c for c in task.old_classes + task.new_classes if c != 0]
-
-
 def label_lut(task: Task, kind: str, masking: str = "plop") -> np.ndarray:
     """The uint8 table ``lut[original id] -> training label`` of a split of this step."""
     if kind not in SPLIT_KINDS:
@@ -60,12 +55,18 @@ def label_lut(task: Task, kind: str, masking: str = "plop") -> np.ndarray:
         void = fill
         background = fill if ade else 0
     lut = np.full(NUM_VALUES, fill, dtype=np.uint8)
-    order = learning_order(task)
-    position = {c: i for i, c in enumerate(order)}
     keep = [c for c in current if c != 0]
-    lut[keep] = [position[c] for c in keep]
+    lut[keep] = task.channels(keep)
     lut[0] = background
     lut[IGNORE_LABEL] = void
+    return lut
+
+
+def channel_lut(task: Task) -> np.ndarray:
+    """``lut[class id] -> its output channel`` for every class of the task, 255 kept: a full label
+    file in the model's numbering (the identity in the natural order)."""
+    lut = np.arange(NUM_VALUES, dtype=np.uint8)
+    lut[task.order] = np.arange(len(task.order))
     return lut
 
 

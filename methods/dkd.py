@@ -92,7 +92,7 @@ class DKD(Method):
             self.pos_weight = opts.pos_weight
         else:
             self.pos_weight = POS_WEIGHT[task.dataset][0 if task.step == 0 else 1]
-        self.new_classes = [c for c in task.new_classes if c != 0]  # channel 0 is the aux classifier
+        self.new_classes = task.channels([c for c in task.new_classes if c != 0])  # channel 0: the aux classifier
         self._eval_hooks: list = []
 
     @property

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dataset.tasks import layout
+
 from . import register
 from .base import IGNORE_INDEX
 from .plop import PLOP
@@ -96,7 +98,7 @@ class LGKD(PLOP):
         self.lgkd_weight = self.kd_weight if self.lgkd else 0.0
         if self.lgkd:
             self.kd_weight = 0.0  # --loss_kd now weights L_lgkd, not the classic KD/UNKD
-        self.prev_kd, self.novel_kd = lgkd_weights(task.dataset, task.name, opts.prev_kd, opts.novel_kd)
+        self.prev_kd, self.novel_kd = lgkd_weights(task.dataset, layout(task.name), opts.prev_kd, opts.novel_kd)
 
     @property
     def needs_teacher(self) -> bool:

@@ -142,14 +142,15 @@ def main(argv=None) -> None:
         p.error("the results files hold no rows")
     out = Path(args.out)
     plot_miou_per_step(rows, out / "miou_per_step.png")
-    plot_class_iou_heatmap(rows, out / "class_iou.png", _class_names({r["dataset"] for r in rows}))
+    plot_class_iou_heatmap(rows, out / "class_iou.png", _channel_names({(r["dataset"], r["task"]) for r in rows}))
     print(f"wrote {out / 'miou_per_step.png'} and {out / 'class_iou.png'}")
 
 
-def _class_names(datasets: set[str]) -> Sequence[str] | None:
-    from dataset import class_names
+def _channel_names(tasks: set[tuple[str, str]]) -> Sequence[str] | None:
+    """The names of the channels of the one (dataset, task) of the rows; ids where they differ."""
+    from dataset import Task, channel_names
 
-    return class_names(next(iter(datasets))) if len(datasets) == 1 else None
+    return channel_names(Task(*next(iter(tasks)), 0)) if len(tasks) == 1 else None
 
 
 if __name__ == "__main__":

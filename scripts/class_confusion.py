@@ -42,14 +42,16 @@ SHOWN = 5  # classes listed per line
 @torch.no_grad()
 def full_confusion(opts, task: Task, models, predict, info: DistInfo) -> torch.Tensor:
     """(K, K) pixel counts over the step's test images, summed over ``models``: rows the true
-    class among all K of the dataset (future classes by their own id), columns the prediction
-    (only seen classes occur).  The test set is built once for all models."""
+    class among all K of the dataset (future classes by their own id), columns the predicted class
+    (only seen classes occur), both by class id whatever the learning order.  The test set is built
+    once for all models."""
     _, _, test = build_datasets(opts, task)
     every_class = np.arange(256, dtype=np.uint8)  # the label file as it is; 255 stays ignored
     labelled = IncrementalSegmentation(test.source, test.indices, test.transform, every_class, None)
     loader = eval_loader(labelled, opts, info)
-    return sum(evaluate(model, loader, task.num_classes, predict, info.device, channels_last=False).mat.cpu()
-               for model in models)
+    mat = sum(evaluate(model, loader, task.num_classes, predict, info.device, channels_last=False).mat.cpu()
+              for model in models)
+    return mat[:, task.channels(list(range(task.num_classes)))]  # columns: output channels -> class ids
 
 
 def describe(counts: torch.Tensor, names, future: set[int], models: int = 1) -> str:

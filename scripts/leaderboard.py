@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import methods  # noqa: E402
 from argparser import parse_args  # noqa: E402
+from dataset.tasks import TaskError, canonical_task, layout  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
 from metrics.plots import plot_class_iou_heatmap, plot_miou_per_step  # noqa: E402
 from metrics.report import load_results, write_csv  # noqa: E402
@@ -132,8 +133,8 @@ def step0_recipe(method: str) -> str:
     return "FT" if method in SHARES_FT_STEP0 else method
 
 
-def run_dir(logdir: Path, name: str) -> Path:
-    return logdir / "shapes" / "15-1-ov" / name
+def run_dir(logdir: Path, name: str, task: str = "15-1") -> Path:
+    return logdir / "shapes" / f"{task}-ov" / name
 
 
 def seed_name(method: str, seed: int) -> str:
@@ -206,12 +207,12 @@ class Job:
 
 
 def plan(chosen: list[str], seeds_of: dict[str, list[int]], logdir: Path, last_step: int = 5,
-         variants: Sequence[Variant] = ()) -> list[Job]:
+         variants: Sequence[Variant] = (), task: str = "15-1") -> list[Job]:
     """Every run of the table: one step-0 run per recipe, then each row's seeds from it."""
     rows = {m: Variant(m, m, ()) for m in chosen} | {v.name: v for v in variants}
     jobs = [Job(recipe, recipe, ["0"]) for recipe in dict.fromkeys(v.recipe for v in rows.values())]
     for row, v in rows.items():
-        step0 = run_dir(logdir, v.recipe) / "step-0.pth"
+        step0 = run_dir(logdir, v.recipe, task) / "step-0.pth"
         jobs += [Job(v.method, seed_name(row, seed), [str(s) for s in range(1, last_step + 1)],
                      [*v.flags, "--step_ckpt", str(step0), "--random_seed", str(seed)], after=v.recipe, row=row)
                  for seed in seeds_of.get(row, [])]
@@ -280,7 +281,7 @@ def last_line(proc: subprocess.Popen) -> str:
 def _last_by_step(rows: list[dict], name: str) -> dict[int, dict]:
     steps: dict[int, dict] = {}
     for r in rows:
-        if r["name"] == name and r["dataset"] == "shapes" and r["task"] == "15-1" and r["overlap"]:
+        if r["name"] == name and r["dataset"] == "shapes" and layout(r["task"]) == "15-1" and r["overlap"]:
             steps[r["step"]] = r  # a later line of the same step wins
     return steps
 
@@ -434,6 +435,9 @@ def main(argv=None):
                         "under LOGDIR/draw-D (the draw of --flags: LOGDIR, reusing the plain table's runs) and "
                         "its files under OUT/draw-D, then one over them (mean ± sd of the draws' means); "
                         "default: the one draw of --flags")
+    p.add_argument("--task", default="15-1",
+                   help="15-1, or one of PLOP's random class orders of it (15-1_b ... 15-1_w, alias 15-5s_b ...); "
+                        "the table sets every order beside VOC's 15-1 rows")
     p.add_argument("--logdir", default="runs/leaderboard")
     p.add_argument("--out", default="results/leaderboard",
                    help="folder for results.jsonl, table.md, table.csv, the plots and each run's log")
@@ -451,7 +455,13 @@ def main(argv=None):
             p.error(f"variant name {variant.name} is a method's name; give the variant another one")
     seeds_of = {m: (args.seeds if m in RANKED or m not in METHODS else args.seeds[:1]) for m in chosen}
     seeds_of |= {v.name: args.seeds for v in args.variant}
-    out, logdir, base = Path(args.out), Path(args.logdir), demo_flags(args.flags)
+    try:
+        args.task = canonical_task("shapes", args.task)
+    except TaskError as exc:
+        p.error(str(exc))
+    if layout(args.task) != "15-1":
+        p.error(f"--task {args.task}: the leaderboard runs 15-1 or one of its class orders (15-1_b ... 15-1_w)")
+    out, logdir, base = Path(args.out), Path(args.logdir), demo_flags(args.flags) + ["--task", args.task]
     start = time.perf_counter()
     if not args.draws:
         one_table(chosen, seeds_of, args, logdir, out, base)
@@ -474,7 +484,7 @@ def one_table(chosen: list[str], seeds_of: dict[str, list[int]], args, logdir: P
     out.mkdir(parents=True, exist_ok=True)
     if heading:
         print(f"\n{heading}")
-    jobs = plan(chosen, seeds_of, logdir, args.last_step, args.variant)
+    jobs = plan(chosen, seeds_of, logdir, args.last_step, args.variant, args.task)
     minutes = execute(jobs, args.jobs, launcher(logdir, out, args.extra, base))
     failed = [m for m in seeds_of if any(j.name not in minutes for j in runs_of(m, jobs))]
     seeds_of = {m: s for m, s in seeds_of.items() if m not in failed}

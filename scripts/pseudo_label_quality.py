@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 import run  # noqa: E402
 from argparser import parse_args, run_dir  # noqa: E402
-from dataset import build_datasets, class_names  # noqa: E402
+from dataset import build_datasets, channel_names  # noqa: E402
+from dataset.incremental import channel_lut  # noqa: E402
 from dataset.tasks import Task  # noqa: E402
 from dataset.transforms import device_batch, image_tensor, remap_label  # noqa: E402
 from methods.base import IGNORE_INDEX  # noqa: E402
@@ -39,15 +40,16 @@ OUTCOMES = {"old": ("its class", "another old class", "background", "ignored"),
             "background": ("background", "an old class", "ignored")}
 
 
-def batches(train, evaluate, batch_size: int, device):
-    """(images, masked labels, full labels) of the training images, centre-cropped."""
+def batches(train, evaluate, batch_size: int, device, in_channels):
+    """(images, masked labels, full labels) of the training images, centre-cropped; the full labels
+    numbered as the model's channels by ``in_channels`` (``channel_lut``), as the pseudo-labels are."""
     for start in range(0, len(train), batch_size):
         images, masked, full = [], [], []
         for index in train.indices[start:start + batch_size]:
             image, label = evaluate(*train.source.load(int(index)))
             images.append(image_tensor(image))
             masked.append(remap_label(label, train.lut))
-            full.append(torch.from_numpy(label.astype("int64")))
+            full.append(torch.from_numpy(in_channels[label].astype("int64")))
         images, masked = device_batch(torch.stack(images), torch.stack(masked), device)
         yield images, masked, torch.stack(full).to(device)
 
@@ -77,10 +79,11 @@ def count_outcomes(relabelled, masked, full, n_old: int) -> dict[str, torch.Tens
 @torch.no_grad()
 def quality(opts, task: Task, teacher, device, batch_size: int = 32) -> dict[str, torch.Tensor]:
     train, _, test = build_datasets(opts, task)
-    thresholds = entropy_thresholds(teacher, ((i, m) for i, m, _ in batches(train, test.transform, batch_size, device)),
+    read = lambda: batches(train, test.transform, batch_size, device, channel_lut(task))  # noqa: E731
+    thresholds = entropy_thresholds(teacher, ((i, m) for i, m, _ in read()),
                                     task.n_old, task.n_seen, opts.threshold, opts.pseudo_median)
     totals = None
-    for images, masked, full in batches(train, test.transform, batch_size, device):
+    for images, masked, full in read():
         result = pseudo_label(masked, teacher(images)["logits"], thresholds, task.n_old, task.n_seen)
         counts = count_outcomes(result.labels, masked, full, task.n_old)
         totals = counts if totals is None else {k: totals[k] + counts[k] for k in counts}
@@ -105,7 +108,7 @@ def main(argv=None) -> None:
     for kind, names in OUTCOMES.items():
         print(f"  {kind} pixels labelled background {shares(totals[kind], names)}")
     if args.per_class:
-        print("\n".join(class_rows(totals["per_class"], class_names(opts.dataset, opts.shapes_version))))
+        print("\n".join(class_rows(totals["per_class"], channel_names(task, opts.shapes_version))))
 
 
 def class_rows(per_class: torch.Tensor, names=None) -> list[str]:

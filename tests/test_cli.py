@@ -132,6 +132,28 @@ def test_previous_checkpoint_of_other_classes(trained, tmp_path):
     assert not (tmp_path / "shapes" / "19-1-dj" / "x" / "step-1.pth").exists()
 
 
+def test_class_order_task_learns_in_its_order(trained, tmp_path):
+    """PLOP's order b of 15-1: step 1 learns class 17 on channel 16; the scores and the class table
+    are per channel, old = the 16 channels of step 0; 15-1's own step 0 is refused as its teacher."""
+    _, natural, _ = trained
+    proc = cli(*TINY, "--task", "15-5s_b", "--overlap", "--method", "FT", "--step", "0", "1",
+               "--name", "ft", "--logdir", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = tmp_path / "shapes" / "15-1_b-ov" / "ft"
+    last = [json.loads(l) for l in (run_dir / "results.jsonl").read_text().splitlines()][-1]
+    iou = np.array(last["class_iou"], dtype=float)
+    assert len(iou) == 17
+    assert last["miou_old"] == pytest.approx(np.nanmean(iou[:16])) and last["miou_new"] == pytest.approx(iou[16])
+    names = __import__("dataset").class_names("shapes")
+    assert re.search(rf"^ *16 {re.escape(names[17][:16])}", proc.stdout, re.M)
+    assert re.search(rf"^ *1 {re.escape(names[12][:16])}", proc.stdout, re.M)
+    ckpt = torch.load(run_dir / "step-1.pth", weights_only=False)
+    assert ckpt["task"]["classes"] == [[0, 12, 9, 20, 7, 15, 8, 14, 16, 5, 19, 4, 1, 13, 2, 11], [17]]
+    proc = cli(*TINY, "--task", "15-1_b", "--overlap", "--method", "FT", "--step", "1", "--name", "x",
+               "--logdir", str(tmp_path), "--step_ckpt", str(natural / "step-0.pth"))
+    assert_user_error(proc, "step-0.pth", "same classes")
+
+
 @pytest.mark.parametrize("args,fragments", [
     (["--dataset", "coco", "--data_root", "/x"], ["unknown dataset 'coco'", "shapes"]),
     (["--dataset", "shapes", "--task", "16-4"], ["unknown task '16-4'", "15-1"]),

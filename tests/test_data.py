@@ -67,13 +67,13 @@ def test_step_zero_keeps_base_classes_and_masks_future():
 
 
 def test_labels_renumbered_in_learning_order():
-    # A task whose classes are learned out of id order: 0, 3, 1 at step 0, then 2.
-    task = SimpleNamespace(dataset="voc", old_classes=[0, 3, 1], new_classes=[2],
-                           seen_classes=[0, 3, 1, 2])
+    # PLOP's order b of 15-1 (mib_plop.md §2.1): step 0 learns 0, 12, 9, 20, 7, ..., 11, step 1
+    # class 17 (sheep) on channel 16, step 2 class 3 (bird).
+    task = Task("voc", "15-5s_b", 1)
     test = label_lut(task, "test", "plop")
-    assert test[[0, 3, 1, 2, 4]].tolist() == [0, 1, 2, 3, 0]
+    assert test[[0, 12, 9, 20, 11, 17, 3, 1, 255]].tolist() == [0, 1, 2, 3, 15, 16, 0, 12, 255]
     train = label_lut(task, "train", "plop")
-    assert train[[0, 3, 1, 2]].tolist() == [0, 0, 0, 3]
+    assert train[[0, 12, 11, 17, 3]].tolist() == [0, 0, 0, 16, 0]
 
 
 # ---------------------------------------------------------------------------- image selection

@@ -137,6 +137,17 @@ def test_step1_terms_match_loops():
         assert terms[term].item() == pytest.approx(expected, rel=1e-5), term
 
 
+def test_ordered_task_trains_the_new_class_channel():
+    task = Task("voc", "15-5s_b", 2)  # PLOP's order b: step 2 learns class 3 (bird) on channel 17
+    g = torch.Generator().manual_seed(3)
+    out = {k: torch.randn(1, 18, 2, 2, generator=g) for k in ("logits", "logits_pos", "logits_neg")}
+    old = {k: torch.randn(1, 17, 2, 2, generator=g) for k in ("logits", "logits_pos", "logits_neg")}
+    labels = torch.tensor([[[0, 17], [17, 255]]])  # labels are channels (the step's label table)
+    terms = DKD(_opts(), task).loss({"label": labels}, out, old)
+    targets = (labels == 17).float()[:, None]
+    assert terms["mbce"].item() == pytest.approx(_class_sum(out["logits"][:, 17:], targets), rel=1e-5)
+
+
 def test_pos_weight_defaults_and_explicit_value():
     assert DKD(_opts(), Task("ade", "100-10", 0)).pos_weight == 35.0
     assert DKD(_opts(), Task("ade", "100-10", 2)).pos_weight == 35.0

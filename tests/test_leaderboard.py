@@ -287,3 +287,25 @@ def test_draws_reuse_the_plain_tables_runs_for_the_draw_of_the_flags_file(tmp_pa
     lb.main(["--methods", "FT", "MiB", "--seeds", "42", "--last_step", "1", "--draws", "1", "2", "--flags", str(flags),
              "--logdir", str(logdir), "--out", str(tmp_path / "out")])
     assert folders == {"1": {str(logdir)}, "2": {str(logdir / "draw-2")}}
+
+
+def test_task_runs_one_of_plops_class_orders(tmp_path, monkeypatch, capsys):
+    """--task 15-5s_b: every run gets --task 15-1_b and its own folder, steps 1-5 start from that
+    order's step 0; a task that is not 15-1 is refused before any run."""
+    lb = _leaderboard()
+    logdir, calls = tmp_path / "runs", []
+
+    def fake(job, logdir, results, extra, base):
+        calls.append((job.name, base[base.index("--task") + 1], job.extra))
+        return [sys.executable, "-c", _FAKE_DRAW_RUN, str(results), job.name, "0", *job.steps]
+
+    monkeypatch.setattr(lb, "command", fake)
+    lb.main(["--methods", "FT", "MiB", "--seeds", "42", "--last_step", "1", "--task", "15-5s_b",
+             "--logdir", str(logdir), "--out", str(tmp_path / "out")])
+    assert {task for _, task, _ in calls} == {"15-1_b"} and len(calls) == 3
+    step0 = str(logdir / "shapes" / "15-1_b-ov" / "FT" / "step-0.pth")
+    assert all(extra[extra.index("--step_ckpt") + 1] == step0 for name, _, extra in calls if name != "FT")
+    assert "| MiB | 1 |" in (tmp_path / "out" / "table.md").read_text()
+    with pytest.raises(SystemExit):
+        lb.main(["--task", "15-5", "--logdir", str(logdir), "--out", str(tmp_path / "out")])
+    assert "the leaderboard runs 15-1 or one of its class orders" in capsys.readouterr().err
