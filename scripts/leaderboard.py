@@ -5,6 +5,7 @@
     python scripts/leaderboard.py --methods MyMethod     # any registered method (README, "Write a method")
     python scripts/leaderboard.py --variant "PLOP+UNKD=PLOP --unkd --loss_kd 10"   # a method with more flags
     python scripts/leaderboard.py --draws 0 1 2          # on three draws of the images, then over them
+    python scripts/leaderboard.py --task 15-1_b          # on one of PLOP's random class orders of 15-1
 
 Each method runs through ``run.py`` exactly as a user would, with the demo's flags
 (``scripts/demo_flags.txt``).  Step 0 runs once per recipe: methods whose step 0 is plain
