@@ -18,28 +18,6 @@ from functools import cached_property
 # Number of label values of each dataset, background 0 included (255 is "ignore").
 NUM_CLASSES = {"voc": 21, "shapes": 21, "ade": 151}
 
-# task name -> (number of foreground classes learned at step 0, classes added per later step)
-_VOC_TASKS = {
-    "offline": (20, 0),
-    "19-1": (19, 1),
-    "15-5": (15, 5),
-    "15-1": (15, 1),
-    "10-1": (10, 1),
-    "5-3": (5, 3),
-}
-TASKS = {
-    "voc": _VOC_TASKS,
-    "shapes": _VOC_TASKS,  # the synthetic set mirrors VOC's 20 foreground classes
-    "ade": {
-        "offline": (150, 0),
-        "100-50": (100, 50),
-        "100-10": (100, 10),
-        "100-5": (100, 5),
-        "50-50": (50, 50),
-    },
-}
-ALIASES = {"15-5s": "15-1", "50": "50-50", "10-10s": "10-1"}
-
 # PLOP's random class orders of VOC 15-1 (its tasks.py, ``15-5s_b`` ... ``15-5s_w``; the paper's
 # class-order experiment): every class in learning order, background first.  Step 0 learns the
 # first 16 entries, each later step one more.
@@ -67,9 +45,30 @@ CLASS_ORDERS = {
     "15-1_v": (0, 1, 2, 12, 14, 6, 19, 18, 17, 5, 20, 8, 4, 9, 16, 10, 3, 15, 13, 11, 7),
     "15-1_w": (0, 1, 2, 12, 14, 13, 19, 18, 7, 11, 20, 8, 4, 9, 16, 10, 3, 15, 6, 5, 17),
 }
-for _name in CLASS_ORDERS:
-    _VOC_TASKS[_name] = _VOC_TASKS["15-1"]
-    ALIASES["15-5s" + _name[4:]] = _name
+
+# task name -> (number of foreground classes learned at step 0, classes added per later step)
+_VOC_TASKS = {
+    "offline": (20, 0),
+    "19-1": (19, 1),
+    "15-5": (15, 5),
+    "15-1": (15, 1),
+    "10-1": (10, 1),
+    "5-3": (5, 3),
+    **dict.fromkeys(CLASS_ORDERS, (15, 1)),
+}
+TASKS = {
+    "voc": _VOC_TASKS,
+    "shapes": _VOC_TASKS,  # the synthetic set mirrors VOC's 20 foreground classes
+    "ade": {
+        "offline": (150, 0),
+        "100-50": (100, 50),
+        "100-10": (100, 10),
+        "100-5": (100, 5),
+        "50-50": (50, 50),
+    },
+}
+ALIASES = {"15-5s": "15-1", "50": "50-50", "10-10s": "10-1",
+           **{name.replace("15-1", "15-5s"): name for name in CLASS_ORDERS}}
 
 # Training images of each step of VOC's tasks, (task, overlap) -> per step: the counts of MiB's
 # shipped caches of ``train_aug`` (10 582 images; reference/mib_plop.md §2.2).  What the synthetic
