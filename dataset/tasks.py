@@ -191,10 +191,13 @@ class Task:
         """Every class in learning order: the class of each output channel."""
         return [c for s in self.all_steps for c in s]
 
+    @cached_property
+    def _channel_of(self) -> dict[int, int]:
+        return {c: i for i, c in enumerate(self.order)}
+
     def channels(self, classes: list[int]) -> list[int]:
         """The output channels of ``classes`` (the ids themselves in the natural order)."""
-        position = {c: i for i, c in enumerate(self.order)}
-        return [position[c] for c in classes]
+        return [self._channel_of[c] for c in classes]
 
     def at(self, step: int) -> "Task":
         return Task(self.dataset, self.name, step)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import run  # noqa: E402
 from argparser import parse_args, run_dir  # noqa: E402
 from dataset import build_datasets, class_names  # noqa: E402
-from dataset.incremental import IncrementalSegmentation  # noqa: E402
+from dataset.incremental import IncrementalSegmentation, channel_lut  # noqa: E402
 from dataset.loaders import eval_loader  # noqa: E402
 from dataset.tasks import Task  # noqa: E402
 from train import evaluate  # noqa: E402
@@ -51,7 +51,7 @@ def full_confusion(opts, task: Task, models, predict, info: DistInfo) -> torch.T
     loader = eval_loader(labelled, opts, info)
     mat = sum(evaluate(model, loader, task.num_classes, predict, info.device, channels_last=False).mat.cpu()
               for model in models)
-    return mat[:, task.channels(list(range(task.num_classes)))]  # columns: output channels -> class ids
+    return mat[:, torch.as_tensor(channel_lut(task)[:task.num_classes], dtype=torch.long)]  # channels -> class ids
 
 
 def describe(counts: torch.Tensor, names, future: set[int], models: int = 1) -> str:

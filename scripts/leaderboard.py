@@ -227,7 +227,7 @@ def runs_of(row: str, jobs: list[Job]) -> list[Job]:
 
 
 def command(job: Job, logdir: Path, results: Path, extra: list[str], base: list[str]) -> list[str]:
-    return [sys.executable, str(ROOT / "run.py"), "--dataset", "shapes", "--task", "15-1", "--overlap",
+    return [sys.executable, str(ROOT / "run.py"), "--dataset", "shapes", "--overlap",  # base holds --task
             "--method", job.method, "--name", job.name, "--logdir", str(logdir), "--results_file", str(results),
             "--device", "cpu", "--no_progress", *base, *method_flags(job.method, base), "--step", *job.steps,
             *job.extra, *extra]
