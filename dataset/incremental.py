@@ -210,9 +210,8 @@ def build_datasets(opts: Any, task: Task) -> tuple[IncrementalSegmentation, ...]
         raise DataError(f"unknown masking {options.masking!r}; choose one of {', '.join(MASKINGS)}")
     train_src, train_presence = indexed_split(options, "train")
     val_src, val_presence = indexed_split(options, "val")
-    num_classes = max(c for classes in task.all_steps for c in classes) + 1
     for source, presence in ((train_src, train_presence), (val_src, val_presence)):
-        check_label_values(presence, num_classes, lambda i, s=source: _describe(s, i))
+        check_label_values(presence, task.num_classes, lambda i, s=source: _describe(s, i))
 
     new, old, seen = task.new_classes, task.old_classes, task.seen_classes
     train_idx = select_images(train_presence, new, old, overlap=options.overlap)

@@ -6,6 +6,7 @@
     python scripts/leaderboard.py --variant "PLOP+UNKD=PLOP --unkd --loss_kd 10"   # a method with more flags
     python scripts/leaderboard.py --draws 0 1 2          # on three draws of the images, then over them
     python scripts/leaderboard.py --task 15-1_b          # on one of PLOP's random class orders of 15-1
+    python scripts/leaderboard.py --task 15-1_b 15-1_c   # on each of them, then over them
 
 Each method runs through ``run.py`` exactly as a user would, with the demo's flags
 (``scripts/demo_flags.txt``).  Step 0 runs once per recipe: methods whose step 0 is plain
@@ -23,6 +24,7 @@ seed as soon as its step-0 run is done), each with its share of the CPUs, its lo
 draws of the synthetic images (``--shapes_seed``), each in its own folders (the draw of ``--flags``
 in the plain table's LOGDIR, so its runs are reused), and pools them: the
 seeds measure the training's noise, the draws the data's, which moves PLOP - MiB far more.
+Several ``--task`` orders are pooled the same way (each order's files under ``OUT/TASK``).
 """
 from __future__ import annotations
 
@@ -436,9 +438,10 @@ def main(argv=None):
                         "under LOGDIR/draw-D (the draw of --flags: LOGDIR, reusing the plain table's runs) and "
                         "its files under OUT/draw-D, then one over them (mean ± sd of the draws' means); "
                         "default: the one draw of --flags")
-    p.add_argument("--task", default="15-1",
-                   help="15-1, or one of PLOP's random class orders of it (15-1_b ... 15-1_w, alias 15-5s_b ...); "
-                        "the table sets every order beside VOC's 15-1 rows")
+    p.add_argument("--task", nargs="+", default=["15-1"],
+                   help="15-1, or PLOP's random class orders of it (15-1_b ... 15-1_w, alias 15-5s_b ...); the "
+                        "table sets every order beside VOC's 15-1 rows; with several, the table on each (its "
+                        "files under OUT/TASK), then one over them, as with --draws")
     p.add_argument("--logdir", default="runs/leaderboard")
     p.add_argument("--out", default="results/leaderboard",
                    help="folder for results.jsonl, table.md, table.csv, the plots and each run's log")
@@ -457,35 +460,42 @@ def main(argv=None):
     seeds_of = {m: (args.seeds if m in RANKED or m not in METHODS else args.seeds[:1]) for m in chosen}
     seeds_of |= {v.name: args.seeds for v in args.variant}
     try:
-        args.task = canonical_task("shapes", args.task)
+        tasks = list(dict.fromkeys(canonical_task("shapes", t) for t in args.task))
     except TaskError as exc:
         p.error(str(exc))
-    if layout(args.task) != "15-1":
-        p.error(f"--task {args.task}: the leaderboard runs 15-1 or one of its class orders (15-1_b ... 15-1_w)")
-    out, logdir, base = Path(args.out), Path(args.logdir), demo_flags(args.flags) + ["--task", args.task]
+    for task in tasks:
+        if layout(task) != "15-1":
+            p.error(f"--task {task}: the leaderboard runs 15-1 or one of its class orders (15-1_b ... 15-1_w)")
+    out, logdir, flags = Path(args.out), Path(args.logdir), demo_flags(args.flags)
+    own = parse_args(["--dataset", "shapes", *flags]).shapes_seed  # the draw the plain table runs on
+    draws = args.draws or [own]
     start = time.perf_counter()
-    if not args.draws:
-        one_table(chosen, seeds_of, args, logdir, out, base)
-    else:
-        own = parse_args(["--dataset", "shapes", *base]).shapes_seed  # the draw the plain table ran on
-        tables = {d: one_table(chosen, seeds_of, args, logdir if d == own else logdir / f"draw-{d}",
-                               out / f"draw-{d}", base + ["--shapes_seed", str(d)],
-                               heading=f"draw {d} (--shapes_seed {d})")
-                  for d in args.draws}
-        text = pooled_markdown(tables)
+    tables = {}
+    for task, draw in itertools.product(tasks, draws):
+        # The draw of --flags runs in LOGDIR (its runs are the plain table's); each order has its own
+        # run folders there already (``run_dir``).
+        label = " ".join([task] * (len(tasks) > 1) + [f"draw {draw}"] * bool(args.draws))
+        folder = Path(*[task] * (len(tasks) > 1), *[f"draw-{draw}"] * bool(args.draws))
+        base = flags + ["--task", task] + ["--shapes_seed", str(draw)] * bool(args.draws)
+        heading = label + f" (--shapes_seed {draw})" * bool(args.draws) if label else None
+        tables[label] = one_table(chosen, seeds_of, args, task, logdir if draw == own else logdir / f"draw-{draw}",
+                                  out / folder, base, heading)
+    if len(tables) > 1:
+        noun = "table" if len(tasks) > 1 and args.draws else "order" if len(tasks) > 1 else "draw"
+        text = pooled_markdown(tables, noun)
         (out / "table.md").write_text(text + "\n")
-        print(f"\nover the draws {', '.join(map(str, args.draws))}: mean ± sd of the draws' means\n{text}")
+        print(f"\nover {', '.join(tables)}: mean ± sd of the {noun}s' means\n{text}")
     print(f"total {(time.perf_counter() - start) / 60:.1f} min wall clock, {args.jobs} at a time")
 
 
-def one_table(chosen: list[str], seeds_of: dict[str, list[int]], args, logdir: Path, out: Path, base: list[str],
-              heading: Optional[str] = None) -> tuple[list[dict], list[str]]:
+def one_table(chosen: list[str], seeds_of: dict[str, list[int]], args, task: str, logdir: Path, out: Path,
+              base: list[str], heading: Optional[str] = None) -> tuple[list[dict], list[str]]:
     """Run (or reuse) every job of one table, write its files under ``out`` and print it; returns
     the table and the methods that did not finish."""
     out.mkdir(parents=True, exist_ok=True)
     if heading:
         print(f"\n{heading}")
-    jobs = plan(chosen, seeds_of, logdir, args.last_step, args.variant, args.task)
+    jobs = plan(chosen, seeds_of, logdir, args.last_step, args.variant, task)
     minutes = execute(jobs, args.jobs, launcher(logdir, out, args.extra, base))
     failed = [m for m in seeds_of if any(j.name not in minutes for j in runs_of(m, jobs))]
     seeds_of = {m: s for m, s in seeds_of.items() if m not in failed}
@@ -510,13 +520,13 @@ def one_table(chosen: list[str], seeds_of: dict[str, list[int]], args, logdir: P
     return table, failed
 
 
-def pool_draws(tables: dict[int, tuple[list[dict], list[str]]]) -> list[dict]:
-    """One row per method that finished on every draw: the mean and sd over draws of its
-    per-draw means (the seeds' spread is each draw's table's)."""
-    per_draw = [{r["method"]: r for r in table} for table, _ in tables.values()]
+def pool_tables(tables: dict[str, tuple[list[dict], list[str]]]) -> list[dict]:
+    """One row per method that finished in every table (draw or class order): the mean and sd over
+    tables of its per-table means (the seeds' spread is each table's)."""
+    per_table = [{r["method"]: r for r in table} for table, _ in tables.values()]
     pooled = []
-    for method in [m for m in per_draw[0] if all(m in rows for rows in per_draw)]:
-        rows = [draw[method] for draw in per_draw]
+    for method in [m for m in per_table[0] if all(m in rows for rows in per_table)]:
+        rows = [table[method] for table in per_table]
         row = {"method": method, "seeds": f"{len(rows)}×{rows[0]['seeds']}"}
         for key in SCORES:
             values = [r[key] for r in rows if r[key] is not None]
@@ -527,18 +537,17 @@ def pool_draws(tables: dict[int, tuple[list[dict], list[str]]]) -> list[dict]:
     return pooled
 
 
-def pooled_markdown(tables: dict[int, tuple[list[dict], list[str]]]) -> str:
-    """The pooled table (its *seeds* column: draws × seeds), each draw's Spearman and the methods
-    left out of some draw."""
-    text = markdown(pool_draws(tables)).replace("| method | seeds |", "| method | draws × seeds |")
-    rhos = ", ".join(f"draw {d} {rho:.2f}" for d, (table, _) in tables.items()
+def pooled_markdown(tables: dict[str, tuple[list[dict], list[str]]], noun: str = "draw") -> str:
+    """The pooled table (its *seeds* column: tables × seeds), each table's Spearman and the
+    methods left out of some table; ``noun`` says what the tables are (draw, order)."""
+    text = markdown(pool_tables(tables)).replace("| method | seeds |", f"| method | {noun}s × seeds |")
+    rhos = ", ".join(f"{label} {rho:.2f}" for label, (table, _) in tables.items()
                      for rho in [ranking_correlation(table)[0]] if rho is not None)
-    text += f"\nSpearman of each draw's table: {rhos}" if rhos else ""
+    text += f"\nSpearman of each {noun}'s table: {rhos}" if rhos else ""
     for method in dict.fromkeys(m for _, failed in tables.values() for m in failed):
-        draws = [str(d) for d, (_, failed) in tables.items() if method in failed]
-        text += f"\n{method}: did not finish on draw {', '.join(draws)} (left out)"
+        labels = [label for label, (_, failed) in tables.items() if method in failed]
+        text += f"\n{method}: did not finish on {', '.join(labels)} (left out)"
     return text
-
 
 if __name__ == "__main__":
     main()

@@ -150,7 +150,7 @@ def print_class_shifts(model: nn.Module, opts, task: Task, images_per_class: int
     """The first norm layer shift of each class's images, largest first, and how many classes
     stay within ``line``: under a random class order every class is equally likely to be any
     step's, so this is what a single-class increment may show whatever the order."""
-    num_classes = max(c for classes in task.all_steps for c in classes) + 1
+    num_classes = task.num_classes
     shifts = {}
     for cls, images in class_images(opts, range(1, num_classes)).items():
         if len(images):

@@ -269,7 +269,7 @@ def test_draws_run_one_table_per_draw_and_pool_their_means(tmp_path, monkeypatch
     assert "PLOP: did not finish on draw 1 (left out)" in pooled
     # each draw's table ranks FT < MiB < PLOP as VOC does; the pooled one has FT and MiB only (< 3)
     assert "Spearman of each draw's table: draw 0 1.00, draw 2 1.00" in pooled
-    assert "over the draws 0, 2, 1" in printed
+    assert "over draw 0, draw 2, draw 1: mean ± sd of the draws' means" in printed
 
 
 def test_draws_reuse_the_plain_tables_runs_for_the_draw_of_the_flags_file(tmp_path, monkeypatch):
@@ -309,3 +309,35 @@ def test_task_runs_one_of_plops_class_orders(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         lb.main(["--task", "15-5", "--logdir", str(logdir), "--out", str(tmp_path / "out")])
     assert "the leaderboard runs 15-1 or one of its class orders" in capsys.readouterr().err
+
+
+def test_several_orders_run_one_table_each_and_pool_their_means(tmp_path, monkeypatch, capsys):
+    """--task 15-1_b 15-1_c: each order runs in its own folders of LOGDIR and writes its table
+    under OUT/TASK; the pooled row is the mean and sd over orders of each order's seed mean, and
+    each order's Spearman is listed."""
+    lb = _leaderboard()
+    out, logdir, calls = tmp_path / "out", tmp_path / "runs", []
+    position = {"15-1_b": 0, "15-1_c": 2}  # the fake run's "draw" term: mIoU + 0.1 x position
+
+    def fake(job, logdir, results, extra, base):
+        task = base[base.index("--task") + 1]
+        calls.append((job.name, task, str(logdir), job.extra))
+        return [sys.executable, "-c", _FAKE_DRAW_RUN, str(results), job.name, str(position[task]), *job.steps]
+
+    monkeypatch.setattr(lb, "command", fake)
+    lb.main(["--methods", "FT", "MiB", "PLOP", "--seeds", "42", "1", "--last_step", "1",
+             "--task", "15-5s_b", "15-1_c", "--logdir", str(logdir), "--out", str(out)])
+    printed = capsys.readouterr().out
+    for task in position:
+        ran = [(name, extra) for name, t, folder, extra in calls if t == task and folder == str(logdir)]
+        assert len(ran) == 7, task
+        step0 = str(logdir / "shapes" / f"{task}-ov" / "FT" / "step-0.pth")
+        assert all(extra[extra.index("--step_ckpt") + 1] == step0 for name, extra in ran if name != "FT")
+        assert "| MiB | 2 |" in (out / task / "table.md").read_text()
+    pooled = (out / "table.md").read_text()
+    # MiB: order means 0.305 (b) and 0.505 (c) -> 40.50 ± 14.14; PLOP: 0.505 and 0.705 -> 60.50 ± 14.14
+    assert "| method | orders × seeds |" in pooled
+    assert "| MiB | 2×2 | 50.00 ± 0.00 | 10.00 ± 0.00 | 40.50 ± 14.14 |" in pooled
+    assert "| PLOP | 2×2 | 50.00 ± 0.00 | 10.00 ± 0.00 | 60.50 ± 14.14 |" in pooled
+    assert "Spearman of each order's table: 15-1_b 1.00, 15-1_c 1.00" in pooled
+    assert "over 15-1_b, 15-1_c: mean ± sd of the orders' means" in printed
