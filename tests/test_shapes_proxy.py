@@ -160,3 +160,66 @@ def test_generator_2_flags_are_the_demo_it_had():
     theirs = vars(parse_args(["--dataset", "shapes", *generator_2]))
     changed = {key: (theirs[key], ours[key]) for key in ours if ours[key] != theirs[key]}
     assert changed == {"shapes_version": (2, 3), "shapes_train_size": (4000, 5000)}
+
+
+# ---------------------------------------------------------------------------- ablation patches
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _patch_hunks(diff: str) -> dict[str, list[tuple[str, str]]]:
+    """{path: [(old text, new text)]} of a unified diff, one pair per hunk."""
+    files: dict[str, list[tuple[list[str], list[str]]]] = {}
+    path = None
+    for line in diff.splitlines():
+        if line.startswith("+++ b/"):
+            path = line[len("+++ b/"):]
+            files[path] = []
+        elif line.startswith("@@"):
+            files[path].append(([], []))
+        elif path and files[path] and line[:1] in (" ", "-", "+") and not line.startswith(("--- ", "+++ ")):
+            old, new = files[path][-1]
+            if line[:1] != "+":
+                old.append(line[1:])
+            if line[:1] != "-":
+                new.append(line[1:])
+    return {p: [("\n".join(o), "\n".join(n)) for o, n in hunks] for p, hunks in files.items()}
+
+
+_SAMPLE_DIGESTS = """
+import hashlib
+from dataset import shapes
+for i in range(6):
+    image, label = shapes.generate_sample(0, "train", i)
+    print(hashlib.md5(image.tobytes()).hexdigest(), hashlib.md5(label.tobytes()).hexdigest())
+"""
+
+
+def test_scene_ablation_patch_applies_and_changes_the_images_only(tmp_path):
+    """docs/patches/scene_context.diff (docs/ablations.md, scenes tied to the class) still applies
+    to the generator; unset, the patched generator draws the shipped images; SCENE_MODE=texture or
+    colour redraws the backgrounds and leaves every label as it was."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(ROOT / "dataset", tmp_path / "dataset")
+    for path, hunks in _patch_hunks((ROOT / "docs" / "patches" / "scene_context.diff").read_text()).items():
+        text = (tmp_path / path).read_text()
+        for old, new in hunks:
+            assert text.count(old) == 1, f"a hunk of the scene patch no longer matches {path}"
+            text = text.replace(old, new)
+        (tmp_path / path).write_text(text)
+
+    def digests(where: Path, mode: str = "") -> list[list[str]]:
+        env = dict(__import__("os").environ, SCENE_MODE=mode, PYTHONPATH=f"{where}:{ROOT}")
+        out = subprocess.run([sys.executable, "-c", _SAMPLE_DIGESTS], cwd=where, env=env, capture_output=True,
+                             text=True, check=True).stdout
+        return [line.split() for line in out.splitlines()]
+
+    shipped = digests(ROOT)
+    assert digests(tmp_path) == shipped
+    for mode in ("texture", "colour"):
+        scenes = digests(tmp_path, mode)
+        assert [label for _, label in scenes] == [label for _, label in shipped]
+        assert all(image != old for (image, _), (old, _) in zip(scenes, shipped))
