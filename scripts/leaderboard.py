@@ -472,15 +472,16 @@ def main(argv=None):
     start = time.perf_counter()
     tables = {}
     for task, draw in itertools.product(tasks, draws):
-        # The draw of --flags runs in LOGDIR (its runs are the plain table's); each order has its own
-        # run folders there already (``run_dir``).
-        label = " ".join([task] * (len(tasks) > 1) + [f"draw {draw}"] * bool(args.draws))
-        folder = Path(*[task] * (len(tasks) > 1), *[f"draw-{draw}"] * bool(args.draws))
-        base = flags + ["--task", task] + ["--shapes_seed", str(draw)] * bool(args.draws)
-        heading = label + f" (--shapes_seed {draw})" * bool(args.draws) if label else None
+        # Each table is named by what varies: its order, its draw, or both ("15-1_b draw 1"); its
+        # files go to OUT/15-1_b/draw-1.  The draw of --flags runs in LOGDIR (the plain table's
+        # runs); each order has its own run folders there already (``run_dir``).
+        parts = ([task] if len(tasks) > 1 else []) + ([f"draw {draw}"] if args.draws else [])
+        label = " ".join(parts)
+        base = flags + ["--task", task] + (["--shapes_seed", str(draw)] if args.draws else [])
+        heading = (label + (f" (--shapes_seed {draw})" if args.draws else "")) if parts else None
         tables[label] = one_table(chosen, seeds_of, args, task, logdir if draw == own else logdir / f"draw-{draw}",
-                                  out / folder, base, heading)
-    if len(tables) > 1:
+                                  out.joinpath(*(part.replace(" ", "-") for part in parts)), base, heading)
+    if len(tasks) > 1 or args.draws:
         noun = "table" if len(tasks) > 1 and args.draws else "order" if len(tasks) > 1 else "draw"
         text = pooled_markdown(tables, noun)
         (out / "table.md").write_text(text + "\n")
