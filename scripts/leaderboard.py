@@ -550,5 +550,6 @@ def pooled_markdown(tables: dict[str, tuple[list[dict], list[str]]], noun: str =
         text += f"\n{method}: did not finish on {', '.join(labels)} (left out)"
     return text
 
+
 if __name__ == "__main__":
     main()

@@ -4,6 +4,10 @@ VOC's composition, VOC-sized increments).  What every generator shares is tested
 test_shapes.py."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +22,8 @@ from dataset.shapes_draw import COLOURS, TEXTURES
 from dataset.shapes_pool import generate_scene
 from dataset.tasks import VOC_TRAIN_IMAGES, Task
 
-DEMO_FLAGS = (Path(__file__).resolve().parents[1] / "scripts" / "demo_flags.txt").read_text().split()
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_FLAGS = (ROOT / "scripts" / "demo_flags.txt").read_text().split()
 
 # ---------------------------------------------------------------------------- VOC-like structure
 
@@ -164,9 +169,6 @@ def test_generator_2_flags_are_the_demo_it_had():
 
 # ---------------------------------------------------------------------------- ablation patches
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def _patch_hunks(diff: str) -> dict[str, list[tuple[str, str]]]:
     """{path: [(old text, new text)]} of a unified diff, one pair per hunk."""
     files: dict[str, list[tuple[list[str], list[str]]]] = {}
@@ -199,10 +201,6 @@ def test_scene_ablation_patch_applies_and_changes_the_images_only(tmp_path):
     """docs/patches/scene_context.diff (docs/ablations.md, scenes tied to the class) still applies
     to the generator; unset, the patched generator draws the shipped images; SCENE_MODE=texture or
     colour redraws the backgrounds and leaves every label as it was."""
-    import shutil
-    import subprocess
-    import sys
-
     shutil.copytree(ROOT / "dataset", tmp_path / "dataset")
     for path, hunks in _patch_hunks((ROOT / "docs" / "patches" / "scene_context.diff").read_text()).items():
         text = (tmp_path / path).read_text()
@@ -212,7 +210,7 @@ def test_scene_ablation_patch_applies_and_changes_the_images_only(tmp_path):
         (tmp_path / path).write_text(text)
 
     def digests(where: Path, mode: str = "") -> list[list[str]]:
-        env = dict(__import__("os").environ, SCENE_MODE=mode, PYTHONPATH=f"{where}:{ROOT}")
+        env = dict(os.environ, SCENE_MODE=mode, PYTHONPATH=f"{where}:{ROOT}")
         out = subprocess.run([sys.executable, "-c", _SAMPLE_DIGESTS], cwd=where, env=env, capture_output=True,
                              text=True, check=True).stdout
         return [line.split() for line in out.splitlines()]
