@@ -1,4 +1,4 @@
-"""Run methods on the synthetic 15-1 overlapped benchmark and print the table beside VOC's.
+"""Run methods on the synthetic 15-1 benchmark and print the table beside VOC's.
 
     python scripts/leaderboard.py                        # every method; the ranked nine over 3 seeds
     python scripts/leaderboard.py --methods FT MiB PLOP --seeds 42
@@ -7,14 +7,17 @@
     python scripts/leaderboard.py --draws 0 1 2          # on three draws of the images, then over them
     python scripts/leaderboard.py --task 15-1_b          # on one of PLOP's random class orders of 15-1
     python scripts/leaderboard.py --task 15-1_b 15-1_c   # on each of them, then over them
+    python scripts/leaderboard.py --disjoint             # the disjoint protocol, beside VOC's disjoint rows
 
 Each method runs through ``run.py`` exactly as a user would, with the demo's flags
 (``scripts/demo_flags.txt``).  Step 0 runs once per recipe: methods whose step 0 is plain
 cross-entropy training (their extra terms act at step > 0 only) start from FT's step-0
 checkpoint, the others train their own (LwF-MC's BCE, EWC/RW/PI statistics, SDR's step-0 terms,
 REMINDER's prototypes, DKD's sigmoid head).  Steps 1-5 then run once per seed (``--random_seed``)
-from that checkpoint.  The table gives mean ± sd over seeds, the published VOC 15-1 overlapped
-numbers of each method, and the Spearman rank correlation of the all-class mIoU between the two.
+from that checkpoint.  The table gives mean ± sd over seeds, the published VOC 15-1 numbers of
+each method under the same protocol (overlapped, or disjoint with ``--disjoint``: an increment's
+images hold no future class), and the Spearman rank correlation of the all-class mIoU between the
+two.
 A ``--variant`` row runs its method with more flags at steps 1-5, from that method's step-0 run
 (an ablation, or a fix behind a flag, beside the preset), or from another's with ``--step0 OTHER``
 among its flags (``--variant "LwF-MC-FT0=LwF-MC --step0 FT"``).  Runs go ``--jobs`` at a time (a
@@ -41,13 +44,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import methods  # noqa: E402
-from argparser import parse_args  # noqa: E402
+from argparser import parse_args, run_dir as run_folder  # noqa: E402
 from dataset.tasks import TaskError, canonical_task, layout  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
 from metrics.plots import plot_class_iou_heatmap, plot_miou_per_step  # noqa: E402
@@ -89,6 +93,22 @@ PUBLISHED = {
     "DKD": (78.4, 45.4, 70.5, "DKD, NeurIPS 2022 (all and hIoU of its README; old/new derived from them)"),
     "DKD-M": (78.9, 54.0, 73.0, "DKD, NeurIPS 2022 (all and hIoU of its README; old/new derived from them)"),
 }
+# Published VOC 15-1 disjoint, where a paper gives it (REMINDER's gives overlapped only).
+PUBLISHED_DISJOINT = {
+    "FT": (0.2, 1.8, 0.6, "MiB, CVPR 2020, Tab. 1"),
+    "LwF": (0.8, 3.6, 1.5, "MiB, CVPR 2020, Tab. 1"),
+    "LwF-MC": (4.5, 7.0, 5.2, "MiB, CVPR 2020, Tab. 1"),
+    "ILT": (3.7, 5.7, 4.2, "MiB, CVPR 2020, Tab. 1"),
+    "EWC": (0.3, 4.3, 1.3, "MiB, CVPR 2020, Tab. 1"),
+    "RW": (0.2, 5.4, 1.5, "MiB, CVPR 2020, Tab. 1"),
+    "PI": (0.0, 1.8, 0.4, "MiB, CVPR 2020, Tab. 1"),
+    "MiB": (46.2, 12.9, 37.9, "MiB, CVPR 2020, Tab. 1"),
+    "SDR": (59.4, 14.3, 48.7, "SDR on MiB, CVPR 2021, as in LSKD, TIP 2024, Tab. II"),
+    "PLOP": (57.9, 13.7, 46.5, "PLOP, CVPR 2021, as in LSKD, TIP 2024, Tab. II"),
+    "LSKD": (67.6, 24.4, 57.4, "LSKD, TIP 2024, Tab. II"),
+    "DKD": (76.8, 41.9, 68.5, "DKD, NeurIPS 2022 (all and hIoU of its README; old/new derived from them)"),
+    "DKD-M": (77.5, 49.4, 70.8, "DKD, NeurIPS 2022 (all and hIoU of its README; old/new derived from them)"),
+}
 SCORES = ("miou_old", "miou_new", "miou_all", "hiou", "avg")
 # The rank correlation with VOC that issue 15 asks of the ranked methods.
 RHO_TARGET = 0.8
@@ -105,6 +125,29 @@ SHARES_FT_STEP0 = {canonical(m) for m in SHARES_FT_STEP0}
 REG_IMPORTANCE = {canonical(m): v for m, v in REG_IMPORTANCE.items()}
 LR_DIVISOR = {canonical(m): v for m, v in LR_DIVISOR.items()}
 PUBLISHED = {canonical(m): v for m, v in PUBLISHED.items()}
+PUBLISHED_DISJOINT = {canonical(m): v for m, v in PUBLISHED_DISJOINT.items()}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How an increment's training images are chosen (``mib_plop.md`` §2): *overlapped* keeps
+    images that also hold future classes (labelled background there), *disjoint* drops them.  VOC
+    ranks the methods differently under the two (MiB keeps more old classes disjoint, PLOP fewer),
+    so each is compared with its own published rows."""
+
+    overlap: bool
+    published: dict
+
+    @property
+    def name(self) -> str:
+        return "overlapped" if self.overlap else "disjoint"
+
+    @property
+    def flags(self) -> list[str]:
+        return ["--overlap"] if self.overlap else []
+
+
+OVERLAPPED, DISJOINT = Protocol(True, PUBLISHED), Protocol(False, PUBLISHED_DISJOINT)
 
 
 DEMO_FLAGS = ROOT / "scripts" / "demo_flags.txt"
@@ -136,8 +179,9 @@ def step0_recipe(method: str) -> str:
     return "FT" if method in SHARES_FT_STEP0 else method
 
 
-def run_dir(logdir: Path, name: str, task: str = "15-1") -> Path:
-    return logdir / "shapes" / f"{task}-ov" / name
+def run_dir(logdir: Path, name: str, task: str = "15-1", protocol: Protocol = OVERLAPPED) -> Path:
+    """Where run.py keeps the run (``argparser.run_dir``, which names the protocol)."""
+    return run_folder(SimpleNamespace(logdir=logdir, dataset="shapes", task=task, overlap=protocol.overlap, name=name))
 
 
 def seed_name(method: str, seed: int) -> str:
@@ -210,12 +254,12 @@ class Job:
 
 
 def plan(chosen: list[str], seeds_of: dict[str, list[int]], logdir: Path, last_step: int = 5,
-         variants: Sequence[Variant] = (), task: str = "15-1") -> list[Job]:
+         variants: Sequence[Variant] = (), task: str = "15-1", protocol: Protocol = OVERLAPPED) -> list[Job]:
     """Every run of the table: one step-0 run per recipe, then each row's seeds from it."""
     rows = {m: Variant(m, m, ()) for m in chosen} | {v.name: v for v in variants}
     jobs = [Job(recipe, recipe, ["0"]) for recipe in dict.fromkeys(v.recipe for v in rows.values())]
     for row, v in rows.items():
-        step0 = run_dir(logdir, v.recipe, task) / "step-0.pth"
+        step0 = run_dir(logdir, v.recipe, task, protocol) / "step-0.pth"
         jobs += [Job(v.method, seed_name(row, seed), [str(s) for s in range(1, last_step + 1)],
                      [*v.flags, "--step_ckpt", str(step0), "--random_seed", str(seed)], after=v.recipe, row=row)
                  for seed in seeds_of.get(row, [])]
@@ -229,7 +273,7 @@ def runs_of(row: str, jobs: list[Job]) -> list[Job]:
 
 
 def command(job: Job, logdir: Path, results: Path, extra: list[str], base: list[str]) -> list[str]:
-    return [sys.executable, str(ROOT / "run.py"), "--dataset", "shapes", "--overlap",  # base holds --task
+    return [sys.executable, str(ROOT / "run.py"), "--dataset", "shapes",  # base holds --task and the protocol
             "--method", job.method, "--name", job.name, "--logdir", str(logdir), "--results_file", str(results),
             "--device", "cpu", "--no_progress", *base, *method_flags(job.method, base), "--step", *job.steps,
             *job.extra, *extra]
@@ -281,19 +325,21 @@ def last_line(proc: subprocess.Popen) -> str:
     return f"{lines[-1].strip() if lines else 'no output'}; log: {log}"
 
 
-def _last_by_step(rows: list[dict], name: str) -> dict[int, dict]:
+def _last_by_step(rows: list[dict], name: str, protocol: Protocol) -> dict[int, dict]:
     steps: dict[int, dict] = {}
     for r in rows:
-        if r["name"] == name and r["dataset"] == "shapes" and layout(r["task"]) == "15-1" and r["overlap"]:
+        if (r["name"] == name and r["dataset"] == "shapes" and layout(r["task"]) == "15-1"
+                and r["overlap"] == protocol.overlap):
             steps[r["step"]] = r  # a later line of the same step wins
     return steps
 
 
-def seed_scores(rows: list[dict], method: str, seed: int, recipe: Optional[str] = None) -> dict | None:
+def seed_scores(rows: list[dict], method: str, seed: int, recipe: Optional[str] = None,
+                protocol: Protocol = OVERLAPPED) -> dict | None:
     """The last step's scores of one seed of a row, and *avg*: the mean of the per-step mIoU,
     step 0's taken from the shared step-0 run (``recipe``, default the method's)."""
-    steps = _last_by_step(rows, seed_name(method, seed))
-    step0 = _last_by_step(rows, recipe or step0_recipe(method)).get(0)
+    steps = _last_by_step(rows, seed_name(method, seed), protocol)
+    step0 = _last_by_step(rows, recipe or step0_recipe(method), protocol).get(0)
     if not steps or step0 is None:
         return None
     steps[0] = step0
@@ -324,13 +370,14 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
 
 
-def summarise(rows: list[dict], seeds_of: dict[str, list[int]], recipes: Optional[dict[str, str]] = None) -> list[dict]:
+def summarise(rows: list[dict], seeds_of: dict[str, list[int]], recipes: Optional[dict[str, str]] = None,
+              protocol: Protocol = OVERLAPPED) -> list[dict]:
     """One row per method or variant: mean and sd over its seeds of every score, and the
-    published row (``recipes``: the step-0 run of a variant's row)."""
+    published row under ``protocol`` (``recipes``: the step-0 run of a variant's row)."""
     table = []
     for method, seeds in seeds_of.items():
         recipe = (recipes or {}).get(method)
-        found = [s for s in (seed_scores(rows, method, seed, recipe) for seed in seeds) if s is not None]
+        found = [s for s in (seed_scores(rows, method, seed, recipe, protocol) for seed in seeds) if s is not None]
         if not found:
             continue
         row = {"method": method, "seeds": len(found)}
@@ -338,7 +385,7 @@ def summarise(rows: list[dict], seeds_of: dict[str, list[int]], recipes: Optiona
             values = [100 * s[key] for s in found if s[key] is not None]
             row[key] = statistics.mean(values) if values else None
             row[key + "_sd"] = statistics.stdev(values) if len(values) > 1 else None
-        old, new, all_, source = PUBLISHED.get(method, (None, None, None, ""))
+        old, new, all_, source = protocol.published.get(method, (None, None, None, ""))
         row.update(voc_old=old, voc_new=new, voc_all=all_, voc_source=source)
         table.append(row)
     return table
@@ -352,7 +399,7 @@ def ranking_correlation(table: list[dict]) -> tuple[float | None, list[str]]:
     return spearman([r["miou_all"] for r in rows], [r["voc_all"] for r in rows]), [r["method"] for r in rows]
 
 
-def ranking_spread(rows: list[dict], seeds_of: dict[str, list[int]],
+def ranking_spread(rows: list[dict], seeds_of: dict[str, list[int]], protocol: Protocol = OVERLAPPED,
                    limit: int = 200_000) -> tuple[float, float, float, float, int] | None:
     """How much of the table's rho is seed noise: rho with VOC when every ranked method contributes
     one of its seeds' all-class mIoU instead of their mean, over every such combination.  Returns
@@ -361,16 +408,16 @@ def ranking_spread(rows: list[dict], seeds_of: dict[str, list[int]],
     ranked, so every method here starts from its own recipe's step 0.)"""
     per_method = {}
     for method, seeds in seeds_of.items():
-        if method not in RANKED or method not in PUBLISHED:
+        if method not in RANKED or method not in protocol.published:
             continue
-        found = (seed_scores(rows, method, seed) for seed in seeds)
+        found = (seed_scores(rows, method, seed, protocol=protocol) for seed in seeds)
         values = [s["miou_all"] for s in found if s is not None and s["miou_all"] is not None]
         if values:
             per_method[method] = values
     draws = math.prod(len(v) for v in per_method.values())
     if len(per_method) < 3 or draws == 1 or draws > limit:
         return None
-    voc = [PUBLISHED[m][2] for m in per_method]
+    voc = [protocol.published[m][2] for m in per_method]
     rhos = [spearman(list(draw), voc) for draw in itertools.product(*per_method.values())]
     return min(rhos), max(rhos), statistics.mean(rhos), sum(r >= RHO_TARGET for r in rhos) / draws, draws
 
@@ -382,15 +429,17 @@ def _cell(row: dict, key: str) -> str:
     return f"{value:.2f} ± {sd:.2f}" if sd is not None else f"{value:.2f}"
 
 
-def markdown(table: list[dict], spread: Optional[tuple] = None) -> str:
-    lines = ["| method | seeds | old | new | all | hIoU | avg | VOC old / new / all |",
+def markdown(table: list[dict], spread: Optional[tuple] = None, protocol: Protocol = OVERLAPPED) -> str:
+    voc = "VOC" if protocol.overlap else f"VOC {protocol.name}"
+    lines = [f"| method | seeds | old | new | all | hIoU | avg | {voc} old / new / all |",
              "|---|---|---|---|---|---|---|---|"]
     for r in table:
-        voc = f"{r['voc_old']} / {r['voc_new']} / {r['voc_all']}" if r["voc_all"] is not None else "-"
-        lines.append(f"| {r['method']} | {r['seeds']} | " + " | ".join(_cell(r, k) for k in SCORES) + f" | {voc} |")
+        published = f"{r['voc_old']} / {r['voc_new']} / {r['voc_all']}" if r["voc_all"] is not None else "-"
+        lines.append(f"| {r['method']} | {r['seeds']} | " + " | ".join(_cell(r, k) for k in SCORES)
+                     + f" | {published} |")
     rho, names = ranking_correlation(table)
     if rho is not None:
-        lines.append(f"\nSpearman rank correlation of all-class mIoU with VOC over {len(names)} methods "
+        lines.append(f"\nSpearman rank correlation of all-class mIoU with {voc} over {len(names)} methods "
                      f"({', '.join(names)}): {rho:.2f}")
     if spread is not None:
         low, high, mean, share, draws = spread
@@ -442,6 +491,9 @@ def main(argv=None):
                    help="15-1, or PLOP's random class orders of it (15-1_b ... 15-1_w, alias 15-5s_b ...); the "
                         "table sets every order beside VOC's 15-1 rows; with several, the table on each (its "
                         "files under OUT/TASK), then one over them, as with --draws")
+    p.add_argument("--disjoint", action="store_true",
+                   help="the disjoint protocol (an increment's images hold no future class), beside VOC's "
+                        "disjoint rows; its runs in the -dj folders of LOGDIR (default: overlapped)")
     p.add_argument("--logdir", default="runs/leaderboard")
     p.add_argument("--out", default="results/leaderboard",
                    help="folder for results.jsonl, table.md, table.csv, the plots and each run's log")
@@ -467,6 +519,7 @@ def main(argv=None):
         if layout(task) != "15-1":
             p.error(f"--task {task}: the leaderboard runs 15-1 or one of its class orders (15-1_b ... 15-1_w)")
     out, logdir, flags = Path(args.out), Path(args.logdir), demo_flags(args.flags)
+    args.protocol = DISJOINT if args.disjoint else OVERLAPPED
     own = parse_args(["--dataset", "shapes", *flags]).shapes_seed  # the draw the plain table runs on
     draws = args.draws or [own]
     start = time.perf_counter()
@@ -477,13 +530,13 @@ def main(argv=None):
         # runs); each order has its own run folders there already (``run_dir``).
         parts = ([task] if len(tasks) > 1 else []) + ([f"draw {draw}"] if args.draws else [])
         label = " ".join(parts)
-        base = flags + ["--task", task] + (["--shapes_seed", str(draw)] if args.draws else [])
+        base = flags + ["--task", task, *args.protocol.flags] + (["--shapes_seed", str(draw)] if args.draws else [])
         heading = (label + (f" (--shapes_seed {draw})" if args.draws else "")) if parts else None
         tables[label] = one_table(chosen, seeds_of, args, task, logdir if draw == own else logdir / f"draw-{draw}",
                                   out.joinpath(*(part.replace(" ", "-") for part in parts)), base, heading)
     if len(tasks) > 1 or args.draws:
         noun = "table" if len(tasks) > 1 and args.draws else "order" if len(tasks) > 1 else "draw"
-        text = pooled_markdown(tables, noun)
+        text = pooled_markdown(tables, noun, args.protocol)
         (out / "table.md").write_text(text + "\n")
         print(f"\nover {', '.join(tables)}: mean ± sd of the {noun}s' means\n{text}")
     print(f"total {(time.perf_counter() - start) / 60:.1f} min wall clock, {args.jobs} at a time")
@@ -496,7 +549,7 @@ def one_table(chosen: list[str], seeds_of: dict[str, list[int]], args, task: str
     out.mkdir(parents=True, exist_ok=True)
     if heading:
         print(f"\n{heading}")
-    jobs = plan(chosen, seeds_of, logdir, args.last_step, args.variant, task)
+    jobs = plan(chosen, seeds_of, logdir, args.last_step, args.variant, task, args.protocol)
     minutes = execute(jobs, args.jobs, launcher(logdir, out, args.extra, base))
     failed = [m for m in seeds_of if any(j.name not in minutes for j in runs_of(m, jobs))]
     seeds_of = {m: s for m, s in seeds_of.items() if m not in failed}
@@ -508,8 +561,8 @@ def one_table(chosen: list[str], seeds_of: dict[str, list[int]], args, task: str
     first = [r for m in seeds_of for r in rows if r["name"] == seed_name(m, seeds_of[m][0])]
     plot_miou_per_step(first, out / "miou_per_step.png")
     plot_class_iou_heatmap(first, out / "class_iou.png")
-    table = summarise(rows, seeds_of, {v.name: v.recipe for v in args.variant})
-    text = markdown(table, ranking_spread(rows, seeds_of))
+    table = summarise(rows, seeds_of, {v.name: v.recipe for v in args.variant}, args.protocol)
+    text = markdown(table, ranking_spread(rows, seeds_of, args.protocol), args.protocol)
     text += "".join(f"\n{m}: did not finish (left out)" for m in failed)
     (out / "table.md").write_text(text + "\n")
     write_csv(table, out / "table.csv")
@@ -538,10 +591,12 @@ def pool_tables(tables: dict[str, tuple[list[dict], list[str]]]) -> list[dict]:
     return pooled
 
 
-def pooled_markdown(tables: dict[str, tuple[list[dict], list[str]]], noun: str = "draw") -> str:
+def pooled_markdown(tables: dict[str, tuple[list[dict], list[str]]], noun: str = "draw",
+                    protocol: Protocol = OVERLAPPED) -> str:
     """The pooled table (its *seeds* column: tables × seeds), each table's Spearman and the
     methods left out of some table; ``noun`` says what the tables are (draw, order)."""
-    text = markdown(pool_tables(tables)).replace("| method | seeds |", f"| method | {noun}s × seeds |")
+    text = markdown(pool_tables(tables), protocol=protocol)
+    text = text.replace("| method | seeds |", f"| method | {noun}s × seeds |")
     rhos = ", ".join(f"{label} {rho:.2f}" for label, (table, _) in tables.items()
                      for rho in [ranking_correlation(table)[0]] if rho is not None)
     text += f"\nSpearman of each {noun}'s table: {rhos}" if rhos else ""

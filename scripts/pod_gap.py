@@ -12,7 +12,9 @@ t-1 (where the running statistics were gathered) and of step t (what POD sees):
 batches.  On step t-1's images it is batch noise and shrinks with the batch size; on step t's
 it also holds the shift between the two steps' image statistics, which no batch size removes.
 Below each table: how far those images' channel means sit from the first norm layer's running
-means, in running standard deviations (the shift at its source).
+means, in running standard deviations (the shift at its source); then, for every step's images,
+that shift at the first norm layer and averaged over each block's norm layers (what the content
+does deeper down, where the student's training-mode norms replace the running statistics).
 
     python scripts/pod_gap.py --dataset shapes --task 15-1 --overlap --step 1 \\
         $(cat scripts/demo_flags.txt) --logdir runs --name PLOP --batch_sizes 4 16 64
@@ -76,19 +78,43 @@ def norm_mode_gap(model: nn.Module, images: torch.Tensor, scales=(1, 2, 4), prep
 
 
 @torch.no_grad()
-def first_norm_shift(model: nn.Module, images: torch.Tensor) -> float:
-    """How far ``images`` move the first norm layer's input from its running statistics: the mean
-    over channels of |batch mean - running mean| / running standard deviation."""
-    norm = next(m for m in model.modules() if is_norm_layer(m))
-    seen = []
-    handle = norm.register_forward_pre_hook(lambda module, args: seen.append(args[0].float()))
+def norm_shifts(model: nn.Module, images: torch.Tensor) -> list[tuple[str, float]]:
+    """How far ``images`` move each norm layer's input from its running statistics, in the
+    model's eval mode: per layer (in forward order), the mean over channels of |batch mean -
+    running mean| / running standard deviation.  Deeper layers show what a step's content does to
+    the statistics the student's training-mode norms replace."""
+    norms = [(name, m) for name, m in model.named_modules() if is_norm_layer(m)]
+    seen = {}
+    handles = [m.register_forward_pre_hook(lambda module, args, name=name: seen.setdefault(name, args[0].float()))
+               for name, m in norms]
     try:
         with eval_mode(model):
             model(images)
     finally:
-        handle.remove()
-    batch_mean = seen[0].mean(dim=(0, 2, 3))
-    return ((batch_mean - norm.running_mean.float()).abs() / norm.running_var.float().sqrt()).mean().item()
+        for handle in handles:
+            handle.remove()
+    modules, shifts = dict(norms), []
+    for name, x in seen.items():  # forward order
+        m, batch_mean = modules[name], x.mean(dim=(0, 2, 3))
+        shift = (batch_mean - m.running_mean.float()).abs() / m.running_var.float().sqrt()
+        shifts.append((name, shift.mean().item()))
+    return shifts
+
+
+def first_norm_shift(model: nn.Module, images: torch.Tensor) -> float:
+    """How far ``images`` move the first norm layer's input from its running statistics (the
+    shift at its source, before any weight has seen the content)."""
+    return norm_shifts(model, images)[0][1]
+
+
+def by_block(shifts: list[tuple[str, float]]) -> dict[str, float]:
+    """Mean shift per block of the network: ``body.mod1`` ... and ``head`` (a name's first two
+    parts in the body, its first elsewhere), in forward order."""
+    blocks: dict[str, list[float]] = {}
+    for name, shift in shifts:
+        parts = name.split(".")
+        blocks.setdefault(".".join(parts[:2]) if parts[0] == "body" else parts[0], []).append(shift)
+    return {block: statistics.mean(values) for block, values in blocks.items()}
 
 
 def main(argv=None) -> None:
@@ -126,12 +152,14 @@ def main(argv=None) -> None:
         shift = first_norm_shift(model, device_batch(batch[0], batch[1], device)[0])
         print(f"first norm layer: channel means {shift:.3f} running standard deviations from the running "
               f"means (mean over channels, {len(batch[0])} images)")
-    print(f"\nfirst norm layer shift of every step's training images under {path.name} "
-          f"({max(args.batch_sizes)} images each)")
+    print(f"\nnorm layer shift of every step's training images under {path.name} ({max(args.batch_sizes)} "
+          f"images each): the first norm layer, then the mean over each block's norm layers")
     for data_step in range(task.num_steps):
         images = build_datasets(opts, task.at(data_step))[0]
         batch = next(iter(torch.utils.data.DataLoader(images, batch_size=max(args.batch_sizes), shuffle=True)))
-        print(f"step {data_step}: {first_norm_shift(model, device_batch(batch[0], batch[1], device)[0]):.3f}")
+        shifts = norm_shifts(model, device_batch(batch[0], batch[1], device)[0])
+        blocks = " ".join(f"{block} {shift:.3f}" for block, shift in by_block(shifts).items())
+        print(f"step {data_step}: {shifts[0][1]:.3f} | {blocks}")
     if args.per_class:
         print_class_shifts(model, opts, task, max(args.batch_sizes), device)
 

@@ -94,6 +94,13 @@ def test_pod_gap_script_reports_both_steps_images_and_changes_nothing(trained):
     gaps = [float(x) for r in rows for x in r[1:]]
     assert len(gaps) == 20 and all(g > 0 for g in gaps)
     assert proc.stdout.count("first norm layer: channel means") == 2
+    # every step's images: the first norm layer's shift, then one mean per block, body.mod1 ... head
+    steps = re.findall(r"^step (\d): ([\d.]+) \| (.+)$", proc.stdout, flags=re.M)
+    assert [int(s) for s, _, _ in steps] == list(range(6))
+    for _, first, blocks in steps:
+        names = blocks.split()[::2]
+        assert names == [f"body.mod{i}" for i in range(1, 6)] + ["head"], names
+        assert all(float(v) >= 0 for v in blocks.split()[1::2]) and float(first) >= 0
     assert snapshot(run_dir) == before
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "pod_gap.py"), *TINY, "--task", "15-1",
                            "--step", "0"], capture_output=True, text=True, env=env, timeout=600)

@@ -341,3 +341,51 @@ def test_several_orders_run_one_table_each_and_pool_their_means(tmp_path, monkey
     assert "| PLOP | 2×2 | 50.00 ± 0.00 | 10.00 ± 0.00 | 60.50 ± 14.14 |" in pooled
     assert "Spearman of each order's table: 15-1_b 1.00, 15-1_c 1.00" in pooled
     assert "over 15-1_b, 15-1_c: mean ± sd of the orders' means" in printed
+
+
+_FAKE_PROTOCOL_RUN = """
+import json, sys
+results, name, overlap, steps = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4:]
+base = {"MiB": 0.30, "PLOP": 0.40, "SDR": 0.50, "REMINDER": 0.60, "FT": 0.05}[name.split("-")[0]]
+with open(results, "a") as f:
+    for step in map(int, steps):
+        for protocol, value in ((overlap, base), (not overlap, 0.99)):  # the other protocol's line is a decoy
+            f.write(json.dumps({"dataset": "shapes", "task": "15-1", "overlap": protocol, "name": name,
+                                "step": step, "miou_all": value, "miou_old": 0.5, "miou_new": 0.1, "hiou": 0.2,
+                                "class_iou": [0.5] * (16 + step)}) + "\\n")
+"""
+
+
+def test_disjoint_runs_without_overlap_in_its_own_folders_beside_vocs_disjoint_rows(tmp_path, monkeypatch, capsys):
+    """--disjoint: no --overlap reaches run.py, step 0 is the -dj folder's, only disjoint result lines
+    count, and the table sets VOC's disjoint rows beside them.  SDR above PLOP is VOC's disjoint
+    order (48.7 > 46.5) and the reverse of its overlapped one (39.5 < 54.6); REMINDER has no
+    disjoint row, so it stays out of the correlation."""
+    lb = _leaderboard()
+    logdir, out, calls = tmp_path / "runs", tmp_path / "out", []
+
+    def fake(job, logdir, results, extra, base):
+        calls.append((job.name, base, job.extra))
+        return [sys.executable, "-c", _FAKE_PROTOCOL_RUN, str(results), job.name, str(int("--overlap" in base)),
+                *job.steps]
+
+    monkeypatch.setattr(lb, "command", fake)
+    names = ["MiB", "PLOP", "SDR", "REMINDER"]
+    lb.main(["--methods", *names, "--seeds", "42", "--last_step", "1", "--disjoint",
+             "--logdir", str(logdir), "--out", str(out)])
+    assert calls and not any("--overlap" in base for _, base, _ in calls)
+    step0 = str(logdir / "shapes" / "15-1-dj" / "FT" / "step-0.pth")
+    assert all(extra[extra.index("--step_ckpt") + 1] == step0 for name, _, extra in calls if name.startswith("MiB"))
+    table = (out / "table.md").read_text()
+    assert "| VOC disjoint old / new / all |" in table
+    assert "| MiB | 1 | 50.00 | 10.00 | 30.00 |" in table and "| 46.2 / 12.9 / 37.9 |" in table
+    assert "| SDR | 1 | 50.00 | 10.00 | 50.00 |" in table and "| 59.4 / 14.3 / 48.7 |" in table
+    assert "| REMINDER | 1 | 50.00 | 10.00 | 60.00 | 20.00 | 60.00 | - |" in table
+    names = ", ".join(lb.canonical(m) for m in ("MiB", "PLOP", "SDR"))
+    assert f"with VOC disjoint over 3 methods ({names}): 1.00" in table
+    # the same runs overlapped: VOC puts PLOP above SDR, so rho falls to 0.5 (ranks 1 2 3 against 1 3 2)
+    calls.clear()
+    lb.main(["--methods", *names.split(", "), "--seeds", "42", "--last_step", "1",
+             "--logdir", str(logdir), "--out", str(tmp_path / "out-ov")])
+    assert all("--overlap" in base for _, base, _ in calls)
+    assert f"with VOC over 3 methods ({names}): 0.50" in (tmp_path / "out-ov" / "table.md").read_text()

@@ -91,3 +91,41 @@ def test_first_norm_shift_in_running_standard_deviations():
     # |2 - 1| / 2 = 0.5 and |-2.5 + 2| / 0.5 = 1.0
     assert pod_gap.first_norm_shift(net, x) == pytest.approx(0.75, rel=1e-5)
     assert net.training and net.bn.running_mean.tolist() == [1.0, -2.0]
+
+
+def test_every_norm_layers_shift_in_forward_order_and_its_blocks_mean():
+    """norm_shifts: each norm layer's input against its own running statistics, in the order the
+    forward pass reaches them (not the order they were registered); by_block averages them per
+    block of the body and per head."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.BatchNorm2d(1)  # registered first, reached last
+            self.body = nn.Module()
+            self.body.mod1 = nn.BatchNorm2d(1)
+            self.body.mod2 = nn.Sequential(nn.BatchNorm2d(1), nn.BatchNorm2d(1))
+
+        def forward(self, x):
+            return self.head(self.body.mod2(self.body.mod1(x)) * 0 + 3)
+
+    net = Net()
+    net.body.mod1.running_mean.fill_(1.0)  # input mean 2, running std 1: shift 1
+    net.body.mod2[0].running_var.fill_(4.0)  # mod1's output: mean (2 - 1) / sqrt(1 + eps) ~ 1, std 2: ~0.5
+    net.body.mod2[1].running_mean.fill_(0.5)
+    net.head.running_mean.fill_(1.0)  # its input is the constant 3: |3 - 1| / 1 = 2
+    x = torch.randn(8, 1, 4, 4)
+    x = x - x.mean() + 2
+    shifts = pod_gap.norm_shifts(net, x)
+    assert [name for name, _ in shifts] == ["body.mod1", "body.mod2.0", "body.mod2.1", "head"]
+    # mod2[1] sees mod2[0]'s output, (y - 0) / 2 with y = mod1's output of mean ~1: mean ~0.5, running 0.5
+    y = (x - 1) / (1 + 1e-5) ** 0.5
+    z = y / (4 + 1e-5) ** 0.5
+    expected = [1.0, y.mean().item() / 2, abs(z.mean().item() - 0.5), 2.0]
+    assert [s for _, s in shifts] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert pod_gap.first_norm_shift(net, x) == pytest.approx(1.0, rel=1e-4)
+    blocks = pod_gap.by_block(shifts)
+    assert list(blocks) == ["body.mod1", "body.mod2", "head"]
+    assert blocks["body.mod2"] == pytest.approx((expected[1] + expected[2]) / 2, rel=1e-4, abs=1e-6)
+    # measured in eval mode, the model's own mode and running statistics left as they were
+    assert net.training and net.body.mod1.running_mean.item() == 1.0 and net.head.running_mean.item() == 1.0
