@@ -83,22 +83,23 @@ def norm_shifts(model: nn.Module, images: torch.Tensor) -> list[tuple[str, float
     model's eval mode: per layer (in forward order), the mean over channels of |batch mean -
     running mean| / running standard deviation.  Deeper layers show what a step's content does to
     the statistics the student's training-mode norms replace."""
-    norms = [(name, m) for name, m in model.named_modules() if is_norm_layer(m)]
-    seen = {}
-    handles = [m.register_forward_pre_hook(lambda module, args, name=name: seen.setdefault(name, args[0].float()))
-               for name, m in norms]
+    norms = dict((name, m) for name, m in model.named_modules() if is_norm_layer(m))
+    batch_means = {}  # per layer its input's channel means only, not the input: forward order
+
+    def keep_mean(name):
+        def hook(module, args):  # returns None: the layer's input goes on unchanged
+            batch_means.setdefault(name, args[0].float().mean(dim=(0, 2, 3)))
+        return hook
+
+    handles = [m.register_forward_pre_hook(keep_mean(name)) for name, m in norms.items()]
     try:
         with eval_mode(model):
             model(images)
     finally:
         for handle in handles:
             handle.remove()
-    modules, shifts = dict(norms), []
-    for name, x in seen.items():  # forward order
-        m, batch_mean = modules[name], x.mean(dim=(0, 2, 3))
-        shift = (batch_mean - m.running_mean.float()).abs() / m.running_var.float().sqrt()
-        shifts.append((name, shift.mean().item()))
-    return shifts
+    return [(name, ((mean - norms[name].running_mean.float()).abs() / norms[name].running_var.float().sqrt())
+             .mean().item()) for name, mean in batch_means.items()]
 
 
 def first_norm_shift(model: nn.Module, images: torch.Tensor) -> float:
