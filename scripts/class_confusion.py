@@ -93,10 +93,12 @@ def report(mat: torch.Tensor, classes: list[int], names, task: Task, models: int
     return lines
 
 
-def by_group(mat: torch.Tensor, classes: list[int], task: Task, models: int = 1) -> str:
+def by_group(mat: torch.Tensor, classes: list[int], task: Task, models: int = 1, predicted: bool = False) -> str:
     """One line: where the chosen seen classes' pixels go, by group (their own class, another
     base class, background, a class added at steps 1-t, a future class).  The share taken by the
-    added classes is the bias toward new classes reported for MiB on long VOC tasks."""
+    added classes is the bias toward new classes reported for MiB on long VOC tasks.  With
+    ``predicted``, the other way round: what the pixels predicted as those classes truly are, by
+    the same groups, so that a loss of IoU can be told a loss of recall or of precision."""
     seen = [c for c in classes if c not in task.future_classes]
     if not seen:
         return "  (no seen class chosen)"
@@ -106,11 +108,14 @@ def by_group(mat: torch.Tensor, classes: list[int], task: Task, models: int = 1)
     group_of[0] = "background"
     groups = dict.fromkeys(["their own class", "another base class", "background", added, "a future class"], 0.0)
     for c in seen:
-        for k, n in enumerate(mat[c].tolist()):
+        for k, n in enumerate((mat[:, c] if predicted else mat[c]).tolist()):
             groups["their own class" if k == c else group_of.get(k, "a future class")] += n
     total = max(sum(groups.values()), 1.0)
     parts = ", ".join(f"{100 * n / total:.1f} % {name}" for name, n in groups.items())
-    return f"  the {_count(total, models)} pixels of classes {' '.join(map(str, seen))} are predicted as: {parts}"
+    listed = " ".join(map(str, seen))
+    if predicted:
+        return f"  the {_count(total, models)} pixels predicted as classes {listed} truly are: {parts}"
+    return f"  the {_count(total, models)} pixels of classes {listed} are predicted as: {parts}"
 
 
 def main(argv=None) -> None:
@@ -142,6 +147,7 @@ def main(argv=None) -> None:
     print("\n".join(report(mat, args.classes, names, task, len(paths))))
     if len(args.classes) > 1:
         print(by_group(mat, args.classes, task, len(paths)))
+        print(by_group(mat, args.classes, task, len(paths), predicted=True))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,17 @@ def test_grouped_shares_of_a_crafted_matrix():
                     "15.0 % another base class, 10.0 % background, 25.0 % a class added at steps 1-2, "
                     "5.0 % a future class")
     assert script.by_group(mat * 3, [3, 16], task, models=3) == line  # three models: counts per model
+    # the other way: what the pixels predicted as 3 and 16 truly are. Column 3: 50 own, 20 from
+    # class 16 (added); column 16: 40 own, 99 from future 19; 209 in all
+    assert script.by_group(mat, [3, 16, 19], task, predicted=True) == (
+        "  the 209 pixels predicted as classes 3 16 truly are: 43.1 % their own class, "
+        "0.0 % another base class, 0.0 % background, 9.6 % a class added at steps 1-2, "
+        "47.4 % a future class")
+    mat[0, 3] = 41                                                    # background predicted as 3
+    assert script.by_group(mat, [3], task, predicted=True) == (
+        "  the 111 pixels predicted as classes 3 truly are: 45.0 % their own class, "
+        "0.0 % another base class, 36.9 % background, 18.0 % a class added at steps 1-2, "
+        "0.0 % a future class")
 
 
 class AlwaysOne(nn.Module):
