@@ -95,18 +95,19 @@ def report(mat: torch.Tensor, classes: list[int], names, task: Task, models: int
 
 def by_group(mat: torch.Tensor, classes: list[int], task: Task, models: int = 1, predicted: bool = False) -> str:
     """One line: where the chosen seen classes' pixels go, by group (their own class, another
-    base class, background, a class added at steps 1-t, a future class).  The share taken by the
-    added classes is the bias toward new classes reported for MiB on long VOC tasks.  With
+    base class, background, a class added at steps 1-t when t > 0, a future class).  The share taken
+    by the added classes is the bias toward new classes reported for MiB on long VOC tasks.  With
     ``predicted``, the other way round: what the pixels predicted as those classes truly are, by
     the same groups, so that a loss of IoU can be told a loss of recall or of precision."""
     seen = [c for c in classes if c not in task.future_classes]
     if not seen:
         return "  (no seen class chosen)"
-    added = f"a class added at steps 1-{task.step}"
+    added = "a class added at step 1" if task.step == 1 else f"a class added at steps 1-{task.step}"
     group_of = {k: "another base class" for k in task.base_classes}
     group_of.update({k: added for k in task.seen_classes if k not in group_of})
     group_of[0] = "background"
-    groups = dict.fromkeys(["their own class", "another base class", "background", added, "a future class"], 0.0)
+    names = ["their own class", "another base class", "background"] + [added] * (task.step > 0) + ["a future class"]
+    groups = dict.fromkeys(names, 0.0)
     for c in seen:
         for k, n in enumerate((mat[:, c] if predicted else mat[c]).tolist()):
             groups["their own class" if k == c else group_of.get(k, "a future class")] += n

@@ -69,6 +69,22 @@ def test_grouped_shares_of_a_crafted_matrix():
         "0.0 % a future class")
 
 
+
+def test_grouped_shares_name_the_added_steps():
+    """Step 0 has no added group (no "steps 1-0"); step 1's is one step."""
+    script = _script()
+    from dataset.tasks import Task
+
+    mat = torch.zeros(21, 21, dtype=torch.int64)
+    mat[3, 3], mat[3, 0], mat[3, 16] = 60, 30, 10
+    assert script.by_group(mat, [3], Task("shapes", "15-1", 0)) == (
+        "  the 100 pixels of classes 3 are predicted as: 60.0 % their own class, "
+        "0.0 % another base class, 30.0 % background, 10.0 % a future class")
+    assert script.by_group(mat, [3], Task("shapes", "15-1", 1)) == (
+        "  the 100 pixels of classes 3 are predicted as: 60.0 % their own class, "
+        "0.0 % another base class, 30.0 % background, 10.0 % a class added at step 1, "
+        "0.0 % a future class")
+
 class AlwaysOne(nn.Module):
     def __init__(self, n_seen: int):
         super().__init__()
