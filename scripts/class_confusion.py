@@ -106,8 +106,9 @@ def by_group(mat: torch.Tensor, classes: list[int], task: Task, models: int = 1,
     group_of = {k: "another base class" for k in task.base_classes}
     group_of.update({k: added for k in task.seen_classes if k not in group_of})
     group_of[0] = "background"
-    names = ["their own class", "another base class", "background"] + [added] * (task.step > 0) + ["a future class"]
-    groups = dict.fromkeys(names, 0.0)
+    groups = dict.fromkeys(["their own class", "another base class", "background", added, "a future class"], 0.0)
+    if task.step == 0:
+        del groups[added]  # no class added yet: no group to report
     for c in seen:
         for k, n in enumerate((mat[:, c] if predicted else mat[c]).tolist()):
             groups["their own class" if k == c else group_of.get(k, "a future class")] += n

@@ -69,7 +69,6 @@ def test_grouped_shares_of_a_crafted_matrix():
         "0.0 % a future class")
 
 
-
 def test_grouped_shares_name_the_added_steps():
     """Step 0 has no added group (no "steps 1-0"); step 1's is one step."""
     script = _script()
@@ -84,6 +83,7 @@ def test_grouped_shares_name_the_added_steps():
         "  the 100 pixels of classes 3 are predicted as: 60.0 % their own class, "
         "0.0 % another base class, 30.0 % background, 10.0 % a class added at step 1, "
         "0.0 % a future class")
+
 
 class AlwaysOne(nn.Module):
     def __init__(self, n_seen: int):
