@@ -12,7 +12,9 @@ t-1 (where the running statistics were gathered) and of step t (what POD sees):
 batches.  On step t-1's images it is batch noise and shrinks with the batch size; on step t's
 it also holds the shift between the two steps' image statistics, which no batch size removes.
 Below each table: how far those images' channel means sit from the first norm layer's running
-means, in running standard deviations (the shift at its source); then, for every step's images,
+means, in running standard deviations (the shift at its source), and per block the largest
+eval-mode input variance over running variance (near 1 where the running statistics describe
+the teacher's eval-mode maps; far above it POD starts far from zero); then, for every step's images,
 that shift at the first norm layer and averaged over each block's norm layers (what the content
 does deeper down, where the student's training-mode norms replace the running statistics).
 
@@ -48,7 +50,7 @@ from dataset.presence import select_images  # noqa: E402
 from dataset.tasks import Task  # noqa: E402
 from dataset.transforms import device_batch, train_transform  # noqa: E402
 from methods.pod import PREPRO, distilled_layers, local_pod_embedding, pod_distance  # noqa: E402
-from modules.norm import is_norm_layer  # noqa: E402
+from modules.norm_drift import norm_shifts, variance_ratios  # noqa: E402
 from utils.distributed import DistInfo, resolve_device  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
 from utils.modes import eval_mode  # noqa: E402
@@ -77,45 +79,21 @@ def norm_mode_gap(model: nn.Module, images: torch.Tensor, scales=(1, 2, 4), prep
     return gaps
 
 
-@torch.no_grad()
-def norm_shifts(model: nn.Module, images: torch.Tensor) -> list[tuple[str, float]]:
-    """How far ``images`` move each norm layer's input from its running statistics, in the
-    model's eval mode: per layer (in forward order), the mean over channels of |batch mean -
-    running mean| / running standard deviation.  Deeper layers show what a step's content does to
-    the statistics the student's training-mode norms replace."""
-    norms = dict((name, m) for name, m in model.named_modules() if is_norm_layer(m))
-    batch_means = {}  # per layer its input's channel means only, not the input: forward order
-
-    def keep_mean(name):
-        def hook(module, args):  # returns None: the layer's input goes on unchanged
-            batch_means.setdefault(name, args[0].float().mean(dim=(0, 2, 3)))
-        return hook
-
-    handles = [m.register_forward_pre_hook(keep_mean(name)) for name, m in norms.items()]
-    try:
-        with eval_mode(model):
-            model(images)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [(name, ((mean - norms[name].running_mean.float()).abs() / norms[name].running_var.float().sqrt())
-             .mean().item()) for name, mean in batch_means.items()]
-
-
 def first_norm_shift(model: nn.Module, images: torch.Tensor) -> float:
     """How far ``images`` move the first norm layer's input from its running statistics (the
     shift at its source, before any weight has seen the content)."""
     return norm_shifts(model, images)[0][1]
 
 
-def by_block(shifts: list[tuple[str, float]]) -> dict[str, float]:
-    """Mean shift per block of the network: ``body.mod1`` ... and ``head`` (a name's first two
-    parts in the body, its first elsewhere), in forward order."""
+def by_block(values: list[tuple[str, float]], reduce=statistics.mean) -> dict[str, float]:
+    """``reduce`` (default: the mean) of the per-layer values of each block of the network:
+    ``body.mod1`` ... and ``head`` (a name's first two parts in the body, its first elsewhere),
+    in forward order."""
     blocks: dict[str, list[float]] = {}
-    for name, shift in shifts:
+    for name, value in values:
         parts = name.split(".")
-        blocks.setdefault(".".join(parts[:2]) if parts[0] == "body" else parts[0], []).append(shift)
-    return {block: statistics.mean(values) for block, values in blocks.items()}
+        blocks.setdefault(".".join(parts[:2]) if parts[0] == "body" else parts[0], []).append(value)
+    return {block: reduce(block_values) for block, block_values in blocks.items()}
 
 
 def main(argv=None) -> None:
@@ -150,9 +128,11 @@ def main(argv=None) -> None:
         for batch_size in args.batch_sizes:
             print(f"{batch_size:5d} | " + gap_row(model, train_copy, images, batch_size, args.batches, opts, device))
         batch = next(iter(torch.utils.data.DataLoader(images, batch_size=max(args.batch_sizes), shuffle=True)))
-        shift = first_norm_shift(model, device_batch(batch[0], batch[1], device)[0])
-        print(f"first norm layer: channel means {shift:.3f} running standard deviations from the running "
-              f"means (mean over channels, {len(batch[0])} images)")
+        x = device_batch(batch[0], batch[1], device)[0]
+        print(f"first norm layer: channel means {first_norm_shift(model, x):.3f} running standard deviations "
+              f"from the running means (mean over channels, {len(batch[0])} images)")
+        ratios = " ".join(f"{block} {r:.3g}" for block, r in by_block(variance_ratios(model, x), max).items())
+        print(f"eval-mode input variance over running variance, largest channel per block: {ratios}")
     print(f"\nnorm layer shift of every step's training images under {path.name} ({max(args.batch_sizes)} "
           f"images each): the first norm layer, then the mean over each block's norm layers")
     for data_step in range(task.num_steps):

@@ -94,6 +94,13 @@ def test_pod_gap_script_reports_both_steps_images_and_changes_nothing(trained):
     gaps = [float(x) for r in rows for x in r[1:]]
     assert len(gaps) == 20 and all(g > 0 for g in gaps)
     assert proc.stdout.count("first norm layer: channel means") == 2
+    # under each table, per block the largest eval-mode input variance over running variance
+    ratios = re.findall(r"^eval-mode input variance over running variance, largest channel per block: (.+)$",
+                        proc.stdout, flags=re.M)
+    assert len(ratios) == 2
+    for line in ratios:
+        assert line.split()[::2] == [f"body.mod{i}" for i in range(1, 6)] + ["head"], line
+        assert all(float(v) > 0 for v in line.split()[1::2])
     # every step's images: the first norm layer's shift, then one mean per block, body.mod1 ... head
     steps = re.findall(r"^step (\d): ([\d.]+) \| (.+)$", proc.stdout, flags=re.M)
     assert [int(s) for s, _, _ in steps] == list(range(6))

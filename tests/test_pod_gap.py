@@ -129,3 +129,36 @@ def test_every_norm_layers_shift_in_forward_order_and_its_blocks_mean():
     assert blocks["body.mod2"] == pytest.approx((expected[1] + expected[2]) / 2, rel=1e-4, abs=1e-6)
     # measured in eval mode, the model's own mode and running statistics left as they were
     assert net.training and net.body.mod1.running_mean.item() == 1.0 and net.head.running_mean.item() == 1.0
+
+
+def test_variance_ratio_is_the_eval_mode_drift_that_compounds_downstream():
+    """variance_ratios: per norm layer the largest channel's eval-mode input variance over its
+    running variance (+ eps); a mismatch upstream multiplies every later layer's ratio, and
+    by_block(..., max) keeps each block's largest."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Module()
+            self.body.mod1 = nn.BatchNorm2d(2)
+            self.body.mod2 = nn.Sequential(nn.BatchNorm2d(2), nn.BatchNorm2d(2))
+
+        def forward(self, x):
+            y = self.body.mod1(x) * 3  # a block whose eval-mode output is 3x too wide
+            return self.body.mod2(y)
+
+    net = Net().train()
+    net.body.mod1.running_var.copy_(torch.tensor([0.25, 4.0]))
+    x = torch.randn(6, 2, 5, 5)
+    x = (x - x.mean(dim=(0, 2, 3), keepdim=True)) / x.std(dim=(0, 2, 3), keepdim=True)  # unit variance
+    ratios = pod_gap.variance_ratios(net, x)
+    eps = 1e-5
+    # mod1: max(1 / 0.25, 1 / 4); mod2.0 sees 3 x / sqrt(0.25 + eps) in channel 0, variance
+    # 9 / (0.25 + eps), against its running variance 1; mod2.1 sees that divided by (1 + eps)
+    first = 1 / (0.25 + eps)
+    second = 9 * first / (1 + eps)
+    third = second / (1 + eps)
+    assert [name for name, _ in ratios] == ["body.mod1", "body.mod2.0", "body.mod2.1"]
+    assert [r for _, r in ratios] == pytest.approx([first, second, third], rel=1e-4)
+    assert pod_gap.by_block(ratios, max) == pytest.approx({"body.mod1": first, "body.mod2": second}, rel=1e-4)
+    assert net.training and net.body.mod1.running_var.tolist() == [0.25, 4.0]
