@@ -70,6 +70,21 @@ def load_step_model(opts, task: Task, path: Path, info: DistInfo):
     return model
 
 
+def starting_models(opts, task: Task, method, prev: dict | None, prev_path: Path | None, info: DistInfo):
+    """(student, teacher) at the first iteration of step ``task.step``: at step 0 the pretrained
+    network and no teacher; later the step t-1 weights with the method's new classifier, and a
+    frozen eval-mode copy of the step t-1 model from the checkpoint ``prev`` read at ``prev_path``."""
+    if prev is None:
+        return build_model(opts, task, info, pretrained=task.step == 0), None
+    model = build_model(opts, task, info, pretrained=False)
+    load_weights(model, prev["model"], prev_path, allowed_missing=f"cls.{task.step}.")
+    method.init_new_classifier(model)
+    teacher = build_model(opts, task.at(task.step - 1), info, pretrained=False)
+    load_weights(teacher, prev["model"], prev_path)
+    teacher.eval().requires_grad_(False)
+    return model, teacher
+
+
 # --- one step -----------------------------------------------------------------------------------
 def train_one_step(opts, info: DistInfo, task: Task, index: int, directory: Path, logger: Logger) -> None:
     """Train step ``task.step`` (resuming its epoch checkpoint if there is one) and save it.
@@ -89,14 +104,8 @@ def train_one_step(opts, info: DistInfo, task: Task, index: int, directory: Path
 
     method = opts.method_cls(opts, task)
     method.load_state_dict(prev.get("method_state") if prev else None)
-    model = build_model(opts, task, info, pretrained=step == 0)
-    teacher = None
+    model, teacher = starting_models(opts, task, method, prev, prev_path, info)
     if prev is not None:
-        load_weights(model, prev["model"], prev_path, allowed_missing=f"cls.{step}.")
-        method.init_new_classifier(model)
-        teacher = build_model(opts, task.at(step - 1), info, pretrained=False)
-        load_weights(teacher, prev["model"], prev_path)
-        teacher.eval().requires_grad_(False)
         if getattr(opts, "mem_size", 0):
             train_ds = with_memory(opts, task, teacher, directory, train_ds, info.device, info.is_main)
     loader = train_loader(train_ds, opts, info, seed=derive_seed(opts.random_seed, step))

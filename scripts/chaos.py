@@ -173,7 +173,8 @@ def chaos(workdir: Path, nproc: int = 1, kills: int = 3, seed: int = 0, log=prin
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # run.py's flags pass through whole
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun on gloo when > 1)")
     p.add_argument("--method", default="MiB", help="any --method (its preset applies)")
     p.add_argument("--kills", type=int, default=3)

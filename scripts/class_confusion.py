@@ -121,7 +121,8 @@ def by_group(mat: torch.Tensor, classes: list[int], task: Task, models: int = 1,
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # run.py's flags pass through whole
     parser.add_argument("--classes", type=int, nargs="+", required=True,
                         help="classes to examine; a future class shows what the model calls its pixels")
     parser.add_argument("--ckpt", nargs="+", default=None,

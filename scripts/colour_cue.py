@@ -91,7 +91,8 @@ def network_accuracy(opts, ckpt: str, count: int, classes) -> float:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # run.py's flags pass through whole
     parser.add_argument("--ckpt", default=None, help="a shapes checkpoint to score beside the colour classifier")
     parser.add_argument("--train_images", type=int, default=2000)
     parser.add_argument("--val_images", type=int, default=300)

@@ -276,6 +276,11 @@ def runs_of(row: str, jobs: list[Job]) -> list[Job]:
     return own + [j for j in jobs if j.after is None and j.name in {o.after for o in own}]
 
 
+# run.py flags that command() sets for each job: passed through, they would override every row's.
+PER_JOB_FLAGS = ("--method", "--name", "--results_file", "--step", "--random_seed", "--step_ckpt",
+                 "--dataset")
+
+
 def command(job: Job, logdir: Path, results: Path, extra: list[str], base: list[str]) -> list[str]:
     return [sys.executable, str(ROOT / "run.py"), "--dataset", "shapes",  # base holds --task and the protocol
             "--method", job.method, "--name", job.name, "--logdir", str(logdir), "--results_file", str(results),
@@ -470,7 +475,8 @@ def launcher(logdir: Path, out: Path, extra: list[str], base: list[str]) -> Call
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # run.py's flags pass through whole (LSKD's --dis is one)
     p.add_argument("--methods", nargs="+", default=None,
                    help="any registered method (run.py --method); default: all of them, or none with --variant")
     p.add_argument("--variant", action="append", type=parse_variant, default=[], metavar='"NAME=METHOD FLAG ..."',
@@ -504,6 +510,10 @@ def main(argv=None):
     args, args.extra = p.parse_known_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
+    for flag in PER_JOB_FLAGS:
+        if any(arg == flag or arg.startswith(flag + "=") for arg in args.extra):
+            p.error(f"{flag} is set for each run by the leaderboard; choose rows with --methods or --variant, "
+                    "and give the runs' other flags in --flags")
     if not args.flags.is_file():
         p.error(f"--flags {args.flags} is not a file; give a file of run.py flags, e.g. scripts/demo_flags.txt")
     try:

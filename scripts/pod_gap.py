@@ -49,8 +49,9 @@ from dataset.incremental import DataOptions, IncrementalSegmentation, indexed_sp
 from dataset.presence import select_images  # noqa: E402
 from dataset.tasks import Task  # noqa: E402
 from dataset.transforms import device_batch, train_transform  # noqa: E402
-from methods.pod import PREPRO, distilled_layers, local_pod_embedding, pod_distance  # noqa: E402
+from methods.pod import PREPRO, distilled_layers, local_pod_embedding, pod_distance, pod_loss  # noqa: E402
 from modules.norm_drift import norm_shifts, variance_ratios  # noqa: E402
+from utils import checkpoint  # noqa: E402
 from utils.distributed import DistInfo, resolve_device  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
 from utils.modes import eval_mode  # noqa: E402
@@ -79,6 +80,50 @@ def norm_mode_gap(model: nn.Module, images: torch.Tensor, scales=(1, 2, 4), prep
     return gaps
 
 
+@torch.no_grad()
+def first_iteration_pod(method, teacher: nn.Module, student: nn.Module, images: torch.Tensor,
+                        train_copy: nn.Module) -> dict[str, list[float]]:
+    """Per distilled layer, ``method``'s POD term on ``images`` at the step's first iteration, in
+    the loss's units (its factors, schedule and 1/L): the student (the step's starting weights,
+    new classifier initialised) in training mode, as the reference trains it, and in eval mode,
+    where only that initialisation moves its maps (the logits' new channels are summed into
+    background).  ``teacher`` and ``student`` run in eval mode; the training-mode pass runs on
+    ``train_copy``, a copy of ``student`` whose moving running statistics do not matter to it."""
+    teacher_maps = distilled_layers(teacher(images), method.pod_logits)
+    terms = {}
+    for mode, model in (("training", train_copy.train()), ("eval", student.eval())):
+        maps = distilled_layers(model(images), method.pod_logits, method.n_old, method.pod_new_logits)
+        terms[mode] = [pod_loss(teacher_maps, maps, [f if i == layer else 0.0 for i, f in enumerate(method.pod_factors)],
+                                method.spp_scales, method.pod_prepro, method.schedule).item()
+                       for layer in range(len(maps))]
+    return terms
+
+
+def print_first_iteration_pod(opts, task: Task, path: Path, batches: int, device) -> None:
+    """:func:`first_iteration_pod` of the run's method, averaged over ``batches`` batches of the
+    run's ``--batch_size`` of step t's training images; nothing for a method without POD."""
+    method = opts.method_cls(opts, task)
+    if getattr(method, "pod", None) is None:
+        return
+    state = checkpoint.load(path)
+    method.load_state_dict(state.get("method_state"))
+    student, teacher = run.starting_models(opts, task, method, state, path, DistInfo(device=device))
+    images = build_datasets(opts, task)[0]
+    sampler = torch.utils.data.RandomSampler(images, num_samples=batches * opts.batch_size)
+    loader = torch.utils.data.DataLoader(images, batch_size=opts.batch_size, sampler=sampler)
+    train_copy = copy.deepcopy(student)
+    per_batch = [first_iteration_pod(method, teacher, student, device_batch(x, y, device)[0], train_copy)
+                 for x, y in loader]
+    names = LAYERS + ["logits"] * method.pod_logits
+    print(f"\n{opts.method}'s POD term at step {task.step}'s first iteration, per distilled layer (its factors, "
+          f"schedule {method.schedule:.3f} and 1/{len(names)}; mean of {batches} batches of {opts.batch_size} "
+          f"images): the student in training mode (the reference) and in eval mode (its new classifier alone)")
+    print("student  | " + " | ".join(f"{name:>7}" for name in names) + " |   total")
+    for mode in ("training", "eval"):
+        means = [statistics.mean(column) for column in zip(*(terms[mode] for terms in per_batch))]
+        print(f"{mode:8s} | " + " | ".join(f"{m:7.3f}" for m in means) + f" | {sum(means):7.3f}")
+
+
 def first_norm_shift(model: nn.Module, images: torch.Tensor) -> float:
     """How far ``images`` move the first norm layer's input from its running statistics (the
     shift at its source, before any weight has seen the content)."""
@@ -97,7 +142,8 @@ def by_block(values: list[tuple[str, float]], reduce=statistics.mean) -> dict[st
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # run.py's flags pass through whole
     parser.add_argument("--ckpt", default=None, help="step t-1 checkpoint (default: the run's step-{t-1}.pth)")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[4, 16, 64])
     parser.add_argument("--batches", type=int, default=4, help="batches averaged per batch size")
@@ -141,6 +187,7 @@ def main(argv=None) -> None:
         shifts = norm_shifts(model, device_batch(batch[0], batch[1], device)[0])
         blocks = " ".join(f"{block} {shift:.3f}" for block, shift in by_block(shifts).items())
         print(f"step {data_step}: {shifts[0][1]:.3f} | {blocks}")
+    print_first_iteration_pod(opts, task, path, args.batches, device)
     if args.per_class:
         print_class_shifts(model, opts, task, max(args.batch_sizes), device)
 

@@ -91,7 +91,8 @@ def quality(opts, task: Task, teacher, device, batch_size: int = 32) -> dict[str
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # run.py's flags pass through whole
     parser.add_argument("--ckpt", default=None, help="step t-1 checkpoint (default: the run's step-{t-1}.pth)")
     parser.add_argument("--per_class", action="store_true", help="also the old-class outcomes of each old class")
     args, run_argv = parser.parse_known_args(argv)

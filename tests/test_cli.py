@@ -75,7 +75,8 @@ def test_pod_gap_script_reports_both_steps_images_and_changes_nothing(trained):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "pod_gap.py"), *TINY, "--task", "15-1",
                            "--overlap", "--step", "1", "--name", "ft", "--logdir", str(logdir),
-                           "--spp_scales", "1", "2", "--batch_sizes", "2", "4", "--batches", "2", "--per_class"],
+                           "--spp_scales", "1", "2", "--batch_sizes", "2", "4", "--batches", "2", "--per_class",
+                           "--method", "PLOP", "--batch_size", "3"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
     # --per_class: one line per class holding a training image, its step under 15-1, its image count
@@ -108,6 +109,15 @@ def test_pod_gap_script_reports_both_steps_images_and_changes_nothing(trained):
         names = blocks.split()[::2]
         assert names == [f"body.mod{i}" for i in range(1, 6)] + ["head"], names
         assert all(float(v) >= 0 for v in blocks.split()[1::2]) and float(first) >= 0
+    # --method PLOP: its POD term at step 1's first iteration, per layer, over --batches batches of the
+    # run's --batch_size (not taken for an abbreviation of --batch_sizes); in eval mode the student's
+    # features equal the teacher's, and only its logits (the new class summed into background) differ
+    assert "PLOP's POD term at step 1's first iteration" in proc.stdout and "2 batches of 3 images" in proc.stdout
+    terms = {m[1]: [float(v) for v in m[2].split("|")] for m in
+             re.finditer(r"^(training|eval) +\|(.+)$", proc.stdout, flags=re.M)}
+    assert len(terms["training"]) == len(terms["eval"]) == 7  # stages 1-4, head, logits, total
+    assert terms["eval"][:5] == [0.0] * 5 and terms["eval"][5] > 0
+    assert all(v > 0 for v in terms["training"]) and terms["training"][6] == pytest.approx(sum(terms["training"][:6]), abs=2e-3)
     assert snapshot(run_dir) == before
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "pod_gap.py"), *TINY, "--task", "15-1",
                            "--step", "0"], capture_output=True, text=True, env=env, timeout=600)

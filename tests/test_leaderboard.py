@@ -227,6 +227,26 @@ def test_a_variant_with_refused_flags_stops_before_any_run(tmp_path, monkeypatch
     assert lb.parse_variant("X=PLOP --pod_new_logits drop").flags == ("--pod_new_logits", "drop")
 
 
+
+def test_run_flags_pass_through_whole_and_per_run_flags_are_refused(tmp_path, monkeypatch, capsys):
+    """Flags the leaderboard does not know go to every run.py call unabbreviated (LSKD's --dis is
+    not --disjoint); a flag the leaderboard sets for each run (--method ...) is refused before any
+    run, since it would override every row's."""
+    lb = _leaderboard()
+    calls = []
+    monkeypatch.setattr(lb, "command", lambda job, logdir, results, extra, base: calls.append((extra, base)) or
+                        [sys.executable, "-c", _FAKE_RUN, str(results), job.name, job.method, *job.steps])
+    lb.main(["--methods", "FT", "--seeds", "42", "--jobs", "1", "--dis", "0.5",
+             "--logdir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    assert len(calls) == 2 and all(extra == ["--dis", "0.5"] and "--overlap" in base for extra, base in calls)
+    calls.clear()
+    for args in (["--method", "MiB"], ["--random_seed=3"], ["--logdir", "runs", "--name", "x"]):
+        with pytest.raises(SystemExit):
+            lb.main(["--methods", "FT", *args, "--out", str(tmp_path / "out")])
+        flag = args[0].split("=")[0] if args[0] != "--logdir" else "--name"
+        assert f"{flag} is set for each run by the leaderboard" in capsys.readouterr().err
+    assert calls == []
+
 _FAKE_DRAW_RUN = """
 import json, sys
 results, name, draw, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]

@@ -162,3 +162,20 @@ def test_variance_ratio_is_the_eval_mode_drift_that_compounds_downstream():
     assert [r for _, r in ratios] == pytest.approx([first, second, third], rel=1e-4)
     assert pod_gap.by_block(ratios, max) == pytest.approx({"body.mod1": first, "body.mod2": second}, rel=1e-4)
     assert net.training and net.body.mod1.running_var.tolist() == [0.25, 4.0]
+
+
+def test_first_iteration_pod_in_the_losss_units_per_layer():
+    """first_iteration_pod: each layer's share of the method's POD term (its factor, schedule and
+    1/L), with the student in training mode (here 1.1x the teacher's maps) and in eval mode (here
+    equal to them: zero)."""
+    from types import SimpleNamespace
+    method = SimpleNamespace(pod_logits=False, pod_factors=[1.0, 0.0, 0.0, 0.0, 0.5], spp_scales=(1,),
+                             pod_prepro="none", schedule=2.0, n_old=2, pod_new_logits="sum")
+    x = torch.rand(3, 2, 4, 6)
+    terms = pod_gap.first_iteration_pod(method, ModeScaled(1.1).eval(), ModeScaled(1.1), x, ModeScaled(1.1))
+    # Phi at scale 1: the means over columns and over rows; d = |Phi(1.1 y) - Phi(y)| = 0.1 |Phi(y)| for
+    # y = x and for y = x - 3 (the constant cancels)
+    size = torch.cat([x.mean(dim=3).flatten(1), x.mean(dim=2).flatten(1)], dim=1).norm(dim=1).mean().item()
+    assert terms["training"] == pytest.approx([1.0 * 2.0 * 0.1 * size / 5, 0, 0, 0, 0.5 * 2.0 * 0.1 * size / 5],
+                                              rel=1e-5, abs=1e-9)
+    assert terms["eval"] == [0.0] * 5
