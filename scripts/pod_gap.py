@@ -109,11 +109,9 @@ def print_first_iteration_pod(opts, task: Task, path: Path, batches: int, device
     method.load_state_dict(state.get("method_state"))
     student, teacher = run.starting_models(opts, task, method, state, path, DistInfo(device=device))
     images = build_datasets(opts, task)[0]
-    sampler = torch.utils.data.RandomSampler(images, num_samples=batches * opts.batch_size)
-    loader = torch.utils.data.DataLoader(images, batch_size=opts.batch_size, sampler=sampler)
     train_copy = copy.deepcopy(student)
     per_batch = [first_iteration_pod(method, teacher, student, device_batch(x, y, device)[0], train_copy)
-                 for x, y in loader]
+                 for x, y in random_batches(images, opts.batch_size, batches)]
     names = LAYERS + ["logits"] * method.pod_logits
     print(f"\n{opts.method}'s POD term at step {task.step}'s first iteration, per distilled layer (its factors, "
           f"schedule {method.schedule:.3f} and 1/{len(names)}; mean of {batches} batches of {opts.batch_size} "
@@ -221,14 +219,17 @@ def print_class_shifts(model: nn.Module, opts, task: Task, images_per_class: int
     print(f"classes within {line} running standard deviations: {within} of {len(shifts)}")
 
 
+def random_batches(dataset, batch_size: int, batches: int) -> torch.utils.data.DataLoader:
+    """``batches`` full batches of ``dataset``, drawn through as many shuffled passes as they need."""
+    sampler = torch.utils.data.RandomSampler(dataset, num_samples=batches * batch_size)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+
+
 def gap_row(model, train_copy, dataset, batch_size: int, batches: int, opts, device) -> str:
     if len(dataset) < batch_size:
         return f"(the training set holds fewer than {batch_size} images)"
-    # ``batches`` full batches, drawn through as many shuffled passes over the set as they need
-    sampler = torch.utils.data.RandomSampler(dataset, num_samples=batches * batch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler)
     per_batch = [norm_mode_gap(model, device_batch(images, labels, device)[0], opts.spp_scales, opts.pod_prepro,
-                               train_copy) for images, labels in loader]
+                               train_copy) for images, labels in random_batches(dataset, batch_size, batches)]
     return " | ".join(f"{statistics.mean(column):7.3f}" for column in zip(*per_batch))
 
 
