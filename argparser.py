@@ -22,11 +22,14 @@ from dataset.tasks import TASKS, Task, TaskError, canonical_task
 from utils.errors import ConfigError
 
 
+HELP_HINT = " (see python run.py --help)"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so the CLI prints one line and exits with 2."""
 
     def error(self, message):
-        raise ConfigError(f"{message} (see python run.py --help)")
+        raise ConfigError(message + HELP_HINT)
 
 
 def _steps(value: str):
@@ -298,6 +301,7 @@ def parse_args(argv=None, tool_reads: frozenset[str] = frozenset()):
 NUMERIC_BOUNDS = {
     "batch_size": (1, False), "val_batch_size": (1, False), "crop_size": (1, False), "num_workers": (0, False),
     "shapes_train_size": (1, False), "shapes_val_size": (1, False), "shapes_image_size": (8, False),
+    "shapes_seed": (0, False),
     "log_interval": (1, False), "val_interval": (1, False), "sample_num": (0, False), "pooling": (1, False),
     "width": (0, True), "momentum": (0, False), "weight_decay": (0, False), "lr_power": (0, False),
     "mem_size": (0, False), "mcd_groups": (1, False),
@@ -313,11 +317,20 @@ def check_numbers(parser: argparse.ArgumentParser, opts) -> None:
             for v in value if isinstance(value, list) else [value]:
                 if not math.isfinite(v):
                     raise ConfigError(f"--{action.dest} must be a finite number, got {v}")
-    for dest, (low, strict) in NUMERIC_BOUNDS.items():
-        value = getattr(opts, dest, None)
-        if value is not None and (value <= low if strict else value < low):
-            bound = f"> {low}" if strict else f">= {low}"
-            raise ConfigError(f"--{dest} must be {bound}, got {value}")
+    check_bounds(opts, NUMERIC_BOUNDS)
+
+
+def check_bounds(values, bounds: dict[str, tuple[float, bool]]) -> None:
+    """Every flag of ``bounds`` (dest -> (lowest value, whether the bound itself is excluded))
+    finite and within its bound; a flag that is None or absent is not checked."""
+    for dest, (low, strict) in bounds.items():
+        value = getattr(values, dest, None)
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            raise ConfigError(f"--{dest} must be a finite number, got {value}")
+        if value <= low if strict else value < low:
+            raise ConfigError(f"--{dest} must be {'>' if strict else '>='} {low}, got {value}")
 
 
 def per_step(values: list, step: int):

@@ -107,11 +107,9 @@ def shapes_pretrained_file(backbone: str, width: float, norm_act: str) -> Path:
     return PRETRAINED_DIR / f"shapes_{backbone}_w{width:g}_{norm_act}.pth.tar"
 
 
-def pretrained_path(opts) -> Path:
-    """``--pretrained``, else the default file: ImageNet's ``pretrained/{backbone}_{norm_act}.pth.tar``
-    (§3.5), or for ``--dataset shapes`` the body pretrained on its pool (its ImageNet)."""
-    if opts.pretrained:
-        return Path(opts.pretrained)
+def default_pretrained_path(opts) -> Path:
+    """ImageNet's ``pretrained/{backbone}_{norm_act}.pth.tar`` (§3.5), or for ``--dataset shapes``
+    the body pretrained on its pool (its ImageNet)."""
     if getattr(opts, "dataset", None) == "shapes":
         return shapes_pretrained_file(opts.backbone, opts.width, opts.norm_act)
     return PRETRAINED_DIR / f"{opts.backbone}_{opts.norm_act}.pth.tar"
@@ -121,24 +119,36 @@ def check_pretrained(opts) -> Optional[Path]:
     """The weights file to load, None with ``--no_pretrained``; fails before the model is built."""
     if opts.no_pretrained:
         return None
-    path = pretrained_path(opts)
-    if getattr(opts, "dataset", None) == "shapes" and not opts.pretrained:
+    if opts.pretrained:
+        path = Path(opts.pretrained)
+        if not path.is_file():
+            raise PretrainedWeightsError(
+                f"--pretrained {path} is not a file; check the path, drop --pretrained to read the default "
+                f"{default_pretrained_path(opts)}, or pass --no_pretrained to train from scratch")
+        return path
+    path = default_pretrained_path(opts)
+    if getattr(opts, "dataset", None) == "shapes":
         if not path.is_file():
             raise PretrainedWeightsError(
                 f"pretrained weights {path} are missing; write them with python scripts/pretrain_shapes.py "
                 f"--backbone {opts.backbone} --width {opts.width:g} --norm_act {opts.norm_act} "
                 "(see pretrained/README.md), or pass --no_pretrained to train from scratch")
         return path
-    if opts.width != 1 and not opts.pretrained:  # the ImageNet files are full width
+    if opts.width != 1:  # the ImageNet files are full width
         raise PretrainedWeightsError(
             f"--width {opts.width} changes every channel count, so ImageNet weights cannot be loaded; "
             "pass --no_pretrained, --width 1, or --pretrained with weights of this width")
     if not path.is_file():
-        raise PretrainedWeightsError(
-            f"ImageNet weights {path} are missing; download 'ResNet101 iABN sync' from the mapillary/inplace_abn "
-            "releases (mirrored as resnet101_iabn_sync.pth.tar in PLOP's release v1.0), see pretrained/README.md, "
-            "or pass --no_pretrained to train from scratch")
+        raise PretrainedWeightsError(f"ImageNet weights {path} are missing; {_imagenet_source(opts.backbone)}, see "
+                                     "pretrained/README.md, or pass --no_pretrained to train from scratch")
     return path
+
+
+def _imagenet_source(backbone: str) -> str:
+    if backbone == "resnet101":
+        return ("download 'ResNet101 iABN sync' from the mapillary/inplace_abn releases (mirrored as "
+                "resnet101_iabn_sync.pth.tar in PLOP's release v1.0)")
+    return f"save the {backbone} ImageNet weights of the mapillary/inplace_abn releases under that name"
 
 
 def _torch_load(path: Path) -> Any:

@@ -15,7 +15,6 @@ writes ``DIR/VOC2012/JPEGImages/*.jpg`` (quality 95, 4:4:4),
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset.incremental import DEFAULT_SHAPES_VERSION, SHAPES_GENERATORS, shapes_generator  # noqa: E402
 from dataset.voc import voc_palette  # noqa: E402
+from utils.cli import ToolParser  # noqa: E402
 
 JPEG_QUALITY = 95
 
@@ -59,7 +59,7 @@ def write_shapes(root: Path, train: int, val: int, size: int, seed: int, version
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ToolParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True, type=Path, help="output folder (the --data_root)")
     parser.add_argument("--train", type=int, default=2000, help="number of training images")
     parser.add_argument("--val", type=int, default=300, help="number of validation images")

@@ -129,11 +129,12 @@ def prediction_grid(images, labels, predictions, path, palette: Sequence[int]) -
 
 
 def main(argv=None) -> None:
-    import argparse
+    from utils.cli import ToolParser
 
     from metrics.report import load_results
 
-    p = argparse.ArgumentParser(description="mIoU-per-step and per-class IoU figures of results.jsonl files.")
+    p = ToolParser(prog="python -m metrics.plots",
+                   description="mIoU-per-step and per-class IoU figures of results.jsonl files.")
     p.add_argument("results", nargs="+", help="results.jsonl files (run.py writes one per run)")
     p.add_argument("--out", required=True, help="folder for miou_per_step.png and class_iou.png")
     args = p.parse_args(argv)

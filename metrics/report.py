@@ -141,9 +141,10 @@ def write_csv(table: list[dict], path) -> None:
 
 
 def main(argv=None) -> None:
-    import argparse
+    from utils.cli import ToolParser
 
-    p = argparse.ArgumentParser(description="Markdown table (and CSV) of old/new/all mIoU, hIoU and avg over runs.")
+    p = ToolParser(prog="python -m metrics.report",
+                   description="Markdown table (and CSV) of old/new/all mIoU, hIoU and avg over runs.")
     p.add_argument("results", nargs="+", help="results.jsonl files")
     p.add_argument("--csv", default=None, help="also write the table as CSV")
     args = p.parse_args(argv)

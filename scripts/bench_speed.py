@@ -11,7 +11,6 @@ implementation only when both ran on that machine in one session.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import shutil
@@ -27,12 +26,14 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import run  # noqa: E402
 from argparser import parse_args  # noqa: E402
 from dataset.tasks import Task  # noqa: E402
 from methods.base import StepContext  # noqa: E402
 from segmentation_module import make_model  # noqa: E402
 from train import Precision, Trainer, evaluate, move_batch  # noqa: E402
 from utils.malloc import keep_freed_memory  # noqa: E402
+from utils.cli import ToolParser  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -251,7 +252,7 @@ def peak_memory_mb() -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(description=__doc__)
     p.add_argument("--backbone", default="resnet101")
     p.add_argument("--norm_act", default="iabn")
     p.add_argument("--width", type=float, default=1.0)
@@ -273,6 +274,8 @@ def main(argv=None):
     if args.quick:
         args.backbone, args.width, args.norm_act, args.iters, args.warmup = "resnet18", 0.25, "abn", 3, 1
         args.crops, args.pipeline_images, args.pipeline_passes = [128], 12, 1
+    for method in args.methods:  # an unknown method or model flag fails now, not after minutes of timing
+        options(args, method, amp=False)
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as run.py does
     rows = []
@@ -326,4 +329,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run.script_main(main)

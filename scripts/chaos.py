@@ -25,7 +25,6 @@ Exit 0 when all holds; tests/test_chaos.py runs both cases.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -38,7 +37,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from argparser import parse_args  # noqa: E402
 from utils.checkpoint import KILL_IN_SAVE_ENV  # noqa: E402
+from utils.cli import ToolParser  # noqa: E402
+from utils.errors import ConfigError  # noqa: E402
 
 FLAGS = ["--dataset", "shapes", "--task", "15-5", "--overlap", "--name", "chaos", "--step", "0", "1",
          "--backbone", "resnet18", "--width", "0.125", "--norm_act", "abn", "--no_pretrained",
@@ -173,8 +175,7 @@ def chaos(workdir: Path, nproc: int = 1, kills: int = 3, seed: int = 0, log=prin
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)  # run.py's flags pass through whole
+    p = ToolParser(description=__doc__, allow_abbrev=False)  # run.py's flags pass through whole
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun on gloo when > 1)")
     p.add_argument("--method", default="MiB", help="any --method (its preset applies)")
     p.add_argument("--kills", type=int, default=3)
@@ -183,6 +184,10 @@ def main(argv=None) -> int:
                    help="faults to inject first, in order (then random ones)")
     p.add_argument("--workdir", default=None, help="default: a new temporary folder")
     args, extra = p.parse_known_args(argv)
+    try:  # a flag run.py refuses stops here, not in the reference run
+        parse_args([*FLAGS, "--method", args.method, *extra])
+    except ConfigError as exc:
+        p.error(str(exc))
     import tempfile
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="chaos-"))

@@ -16,7 +16,6 @@ summed: pixel counts are given per model (the mean), shares of the sum.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from dataset.tasks import Task  # noqa: E402
 from train import evaluate  # noqa: E402
 from utils.distributed import DistInfo, resolve_device  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
+from utils.cli import ToolParser  # noqa: E402
 
 SHOWN = 5  # classes listed per line
 
@@ -121,8 +121,7 @@ def by_group(mat: torch.Tensor, classes: list[int], task: Task, models: int = 1,
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)  # run.py's flags pass through whole
+    parser = ToolParser(description=__doc__, allow_abbrev=False)  # run.py's flags pass through whole
     parser.add_argument("--classes", type=int, nargs="+", required=True,
                         help="classes to examine; a future class shows what the model calls its pixels")
     parser.add_argument("--ckpt", nargs="+", default=None,

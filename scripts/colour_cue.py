@@ -10,6 +10,7 @@ learned on the training split.  With ``--ckpt`` the network is scored on the sam
 object counts as named when the majority of its pixels are predicted as its class.
 
     python scripts/colour_cue.py                                   # the colour classifier alone
+    python scripts/colour_cue.py --shapes_seed 1                   # on another draw of the images
     python scripts/colour_cue.py $(cat scripts/demo_flags.txt) --task 15-1 --overlap \\
         --ckpt runs/shapes/15-1-ov/demo-FT/step-0.pth              # and the step-0 network
 
@@ -17,7 +18,6 @@ With a checkpoint, both are scored on the classes that checkpoint knows.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -27,7 +27,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import run  # noqa: E402  (its user errors)
+from argparser import parse_args  # noqa: E402
 from dataset import shapes  # noqa: E402
+from utils import checkpoint  # noqa: E402
+from utils.cli import ToolParser  # noqa: E402
 
 BINS = 4
 
@@ -61,10 +65,8 @@ def nearest_centroid_accuracy(train: tuple[np.ndarray, np.ndarray], test: tuple[
 @torch.no_grad()
 def network_accuracy(opts, ckpt: str, count: int, classes) -> float:
     """Fraction of validation objects of ``classes`` whose pixels the network mostly calls right."""
-    import run
     from dataset.tasks import Task
     from dataset.transforms import device_batch
-    from utils import checkpoint
     from utils.distributed import DistInfo
 
     state = checkpoint.load(Path(ckpt))
@@ -91,24 +93,18 @@ def network_accuracy(opts, ckpt: str, count: int, classes) -> float:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)  # run.py's flags pass through whole
+    parser = ToolParser(description=__doc__, allow_abbrev=False)  # run.py's flags pass through whole
     parser.add_argument("--ckpt", default=None, help="a shapes checkpoint to score beside the colour classifier")
     parser.add_argument("--train_images", type=int, default=2000)
     parser.add_argument("--val_images", type=int, default=300)
     args, run_argv = parser.parse_known_args(argv)
+    opts = parse_args(["--dataset", "shapes", *run_argv])  # --shapes_seed picks the draw, with or without --ckpt
     classes = set(range(1, shapes.NUM_FOREGROUND + 1))
-    opts = None
     if args.ckpt:
-        from argparser import parse_args
-        from utils import checkpoint
-
-        opts = parse_args(["--dataset", "shapes", *run_argv])
         known = checkpoint.load(Path(args.ckpt))["task"]["classes"]
         classes = {c for step in known for c in step if c}
-    seed = opts.shapes_seed if opts else 0
-    colour = nearest_centroid_accuracy(histograms("train", args.train_images, seed, classes),
-                                       histograms("val", args.val_images, seed, classes))
+    colour = nearest_centroid_accuracy(histograms("train", args.train_images, opts.shapes_seed, classes),
+                                       histograms("val", args.val_images, opts.shapes_seed, classes))
     print(f"{len(classes)} classes; chance {100 / len(classes):.1f} %")
     print(f"colour histogram, nearest centroid: {100 * colour:.1f} % of validation objects named")
     if args.ckpt:
@@ -117,4 +113,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run.script_main(main)

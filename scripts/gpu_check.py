@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 from dataset.tasks import VOC_TRAIN_IMAGES  # noqa: E402
 from utils.malloc import keep_freed_memory  # noqa: E402
+from utils.cli import ToolParser  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "scripts" / "bench_speed.py")
 bench = importlib.util.module_from_spec(_spec)
@@ -258,7 +259,7 @@ def print_table(report: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(description=__doc__)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default="gpu_check.json", help="where the figures are written")
     args = p.parse_args(argv)

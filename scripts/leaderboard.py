@@ -51,12 +51,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import methods  # noqa: E402
-from argparser import parse_args, run_dir as run_folder  # noqa: E402
+from argparser import HELP_HINT, parse_args, run_dir as run_folder  # noqa: E402
 from dataset.tasks import TaskError, canonical_task, layout  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
 from metrics.plots import plot_class_iou_heatmap, plot_miou_per_step  # noqa: E402
 from metrics.report import load_results, write_csv  # noqa: E402
 from utils.distributed import available_cpus  # noqa: E402
+from utils.cli import ToolParser  # noqa: E402
 
 METHODS = ["FT", "LwF", "LwF-MC", "ILT", "EWC", "RW", "PI", "MiB", "PLOP", "SDR", "REMINDER", "LGKD", "LSKD",
            "DKD", "DKD-M"]
@@ -475,8 +476,7 @@ def launcher(logdir: Path, out: Path, extra: list[str], base: list[str]) -> Call
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)  # run.py's flags pass through whole (LSKD's --dis is one)
+    p = ToolParser(description=__doc__, allow_abbrev=False)  # run.py's flags pass through whole (LSKD's --dis is one)
     p.add_argument("--methods", nargs="+", default=None,
                    help="any registered method (run.py --method); default: all of them, or none with --variant")
     p.add_argument("--variant", action="append", type=parse_variant, default=[], metavar='"NAME=METHOD FLAG ..."',
@@ -533,6 +533,15 @@ def main(argv=None):
         if layout(task) != "15-1":
             p.error(f"--task {task}: the leaderboard runs 15-1 or one of its class orders (15-1_b ... 15-1_w)")
     out, logdir, flags = Path(args.out), Path(args.logdir), demo_flags(args.flags)
+    runs = ([(m, ()) for m in chosen] + [(v.method, v.flags) for v in args.variant]
+            + [(step0_recipe(m), ()) for m in chosen] + [(v.recipe, ()) for v in args.variant])
+    for method, row_flags in dict.fromkeys(runs):  # every run gets the extra flags: one refusal stops all now
+        try:
+            parse_args(["--dataset", "shapes", "--method", method, *flags, *row_flags, *args.extra])
+        except ConfigError as exc:
+            given = f"--flags {args.flags}" + (f" and {' '.join(args.extra)}" if args.extra else "")
+            p.error(f"{method}'s runs refuse {given}: {str(exc).removesuffix(HELP_HINT)} (these flags go to "
+                    "every run; give one method's own flags with --variant)")
     args.protocol = DISJOINT if args.disjoint else OVERLAPPED
     own = parse_args(["--dataset", "shapes", *flags]).shapes_seed  # the draw the plain table runs on
     draws = args.draws or [own]

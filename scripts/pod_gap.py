@@ -28,7 +28,6 @@ run's ``step-{t-1}.pth``.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -56,6 +55,7 @@ from utils.distributed import DistInfo, resolve_device  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
 from utils.modes import eval_mode  # noqa: E402
 from utils.seeding import seed_everything  # noqa: E402
+from utils.cli import ToolParser  # noqa: E402
 
 LAYERS = ["stage 1", "stage 2", "stage 3", "stage 4", "head"]
 
@@ -119,7 +119,7 @@ def print_first_iteration_pod(opts, task: Task, path: Path, batches: int, device
     print("student  | " + " | ".join(f"{name:>7}" for name in names) + " |   total")
     for mode in ("training", "eval"):
         means = [statistics.mean(column) for column in zip(*(terms[mode] for terms in per_batch))]
-        print(f"{mode:8s} | " + " | ".join(f"{m:7.3f}" for m in means) + f" | {sum(means):7.3f}")
+        print(f"{mode:8s} | " + " | ".join(cell(m) for m in means + [sum(means)]))
 
 
 def first_norm_shift(model: nn.Module, images: torch.Tensor) -> float:
@@ -140,8 +140,7 @@ def by_block(values: list[tuple[str, float]], reduce=statistics.mean) -> dict[st
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)  # run.py's flags pass through whole
+    parser = ToolParser(description=__doc__, allow_abbrev=False)  # run.py's flags pass through whole
     parser.add_argument("--ckpt", default=None, help="step t-1 checkpoint (default: the run's step-{t-1}.pth)")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[4, 16, 64])
     parser.add_argument("--batches", type=int, default=4, help="batches averaged per batch size")
@@ -230,7 +229,13 @@ def gap_row(model, train_copy, dataset, batch_size: int, batches: int, opts, dev
         return f"(the training set holds fewer than {batch_size} images)"
     per_batch = [norm_mode_gap(model, device_batch(images, labels, device)[0], opts.spp_scales, opts.pod_prepro,
                                train_copy) for images, labels in random_batches(dataset, batch_size, batches)]
-    return " | ".join(f"{statistics.mean(column):7.3f}" for column in zip(*per_batch))
+    return " | ".join(cell(statistics.mean(column)) for column in zip(*per_batch))
+
+
+def cell(value: float) -> str:
+    """A table cell of 7 characters, three decimals; a value that would print as 0.000 but is not 0
+    in e-notation, so that a small difference is not read as none."""
+    return f"{value:7.3f}" if value == 0 or abs(value) >= 5e-4 else f"{value:7.1e}"
 
 
 if __name__ == "__main__":

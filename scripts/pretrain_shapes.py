@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import inspect
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from argparser import build_parser, check_bounds  # noqa: E402
 from dataset.shapes import POOL  # noqa: E402
 from dataset.presence import IGNORE_LABEL  # noqa: E402
 from dataset.shapes_pool import generate_scene  # noqa: E402
@@ -44,6 +46,8 @@ from modules.norm_drift import variance_ratios  # noqa: E402
 import run  # noqa: E402  (its user errors)
 from segmentation_module import shapes_pretrained_file  # noqa: E402
 from utils.checkpoint import save_atomic  # noqa: E402
+from utils.cli import ToolParser  # noqa: E402
+from utils.errors import ConfigError  # noqa: E402
 
 
 class PoolSegmenter(nn.Module):
@@ -153,23 +157,44 @@ RECIPE_FLAGS = ("backbone", "width", "norm_act", "output_stride", "images", "epo
                 "zero_init_residual")
 
 
+# As run.py's NUMERIC_BOUNDS: the lowest value of each numeric flag, and whether it is excluded.
+RECIPE_BOUNDS = {"images": (1, False), "epochs": (1, False), "batch_size": (1, False), "lr": (0, True),
+                 "width": (0, True), "seed": (0, False), "threads": (1, False)}
+
+
+def check_args(args: argparse.Namespace) -> Path:
+    """Refuse a recipe that cannot train, and an --out that cannot be written, before an hour of
+    training rather than after it; return the file to write."""
+    check_bounds(args, RECIPE_BOUNDS)
+    if args.images < args.batch_size:
+        raise ConfigError(f"--images {args.images} is fewer than one batch (--batch_size {args.batch_size})")
+    out = args.out or shapes_pretrained_file(args.backbone, args.width, args.norm_act)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as err:
+        raise ConfigError(f"--out {out}: its folder cannot be written ({err.strerror}); choose another --out") from None
+    return out
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(description=__doc__)
     recipe = inspect.signature(pretrain).parameters  # the defaults live once, in pretrain()'s signature
+    run_choices = {action.dest: action.choices for action in build_parser()._actions}
     for name in RECIPE_FLAGS:
         default = recipe[name].default
         if isinstance(default, bool):
             p.add_argument(f"--{name}", action="store_true")
         else:
-            p.add_argument(f"--{name}", type=type(default), default=default,
+            p.add_argument(f"--{name}", type=type(default), default=default, choices=run_choices.get(name),
                            help="the benchmark's (--output_stride of run.py)" if name == "output_stride" else None)
     p.add_argument("--threads", type=int, default=2, help="CPU threads (the bytes written depend on it)")
     p.add_argument("--out", type=Path, default=None, help="default: the file step 0 loads")
     args = p.parse_args(argv)
+    out = check_args(args)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     ckpt, meta = pretrain(**{name: getattr(args, name) for name in RECIPE_FLAGS})
-    out = args.out or shapes_pretrained_file(args.backbone, args.width, args.norm_act)
     save_atomic(ckpt, out)  # through a file object: the bytes do not depend on the file's name
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, sha256 {digest}) in {time.perf_counter() - start:.0f} s; "

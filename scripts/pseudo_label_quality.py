@@ -16,7 +16,6 @@ centre-cropped, without the random crops of training).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from methods.base import IGNORE_INDEX  # noqa: E402
 from methods.pseudo import entropy_thresholds, pseudo_label  # noqa: E402
 from utils.distributed import DistInfo, resolve_device  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
+from utils.cli import ToolParser  # noqa: E402
 
 OUTCOMES = {"old": ("its class", "another old class", "background", "ignored"),
             "background": ("background", "an old class", "ignored")}
@@ -91,8 +91,7 @@ def quality(opts, task: Task, teacher, device, batch_size: int = 32) -> dict[str
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)  # run.py's flags pass through whole
+    parser = ToolParser(description=__doc__, allow_abbrev=False)  # run.py's flags pass through whole
     parser.add_argument("--ckpt", default=None, help="step t-1 checkpoint (default: the run's step-{t-1}.pth)")
     parser.add_argument("--per_class", action="store_true", help="also the old-class outcomes of each old class")
     args, run_argv = parser.parse_known_args(argv)

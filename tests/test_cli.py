@@ -116,7 +116,7 @@ def test_pod_gap_script_reports_both_steps_images_and_changes_nothing(trained):
     terms = {m[1]: [float(v) for v in m[2].split("|")] for m in
              re.finditer(r"^(training|eval) +\|(.+)$", proc.stdout, flags=re.M)}
     assert len(terms["training"]) == len(terms["eval"]) == 7  # stages 1-4, head, logits, total
-    assert terms["eval"][:5] == [0.0] * 5 and terms["eval"][5] > 0
+    assert terms["eval"][:5] == [0.0] * 5 and terms["eval"][5] > 0, proc.stdout
     assert all(v > 0 for v in terms["training"]) and terms["training"][6] == pytest.approx(sum(terms["training"][:6]), abs=2e-3)
     assert snapshot(run_dir) == before
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "pod_gap.py"), *TINY, "--task", "15-1",

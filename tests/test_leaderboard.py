@@ -230,16 +230,26 @@ def test_a_variant_with_refused_flags_stops_before_any_run(tmp_path, monkeypatch
 
 def test_run_flags_pass_through_whole_and_per_run_flags_are_refused(tmp_path, monkeypatch, capsys):
     """Flags the leaderboard does not know go to every run.py call unabbreviated (LSKD's --dis is
-    not --disjoint); a flag the leaderboard sets for each run (--method ...) is refused before any
-    run, since it would override every row's."""
+    not --disjoint), and one that a run would refuse stops the table before any run; a flag the
+    leaderboard sets for each run (--method ...) is refused too, since it would override every row's."""
     lb = _leaderboard()
     calls = []
     monkeypatch.setattr(lb, "command", lambda job, logdir, results, extra, base: calls.append((extra, base)) or
                         [sys.executable, "-c", _FAKE_RUN, str(results), job.name, job.method, *job.steps])
-    lb.main(["--methods", "FT", "--seeds", "42", "--jobs", "1", "--dis", "0.5",
+    lb.main(["--methods", "FT", "--seeds", "42", "--jobs", "1", "--crop_size", "48",
              "--logdir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
-    assert len(calls) == 2 and all(extra == ["--dis", "0.5"] and "--overlap" in base for extra, base in calls)
+    assert len(calls) == 2 and all(extra == ["--crop_size", "48"] and "--overlap" in base for extra, base in calls)
     calls.clear()
+    # a flag that a run would refuse stops the table before any run, with one line: a bad value; an
+    # LSKD flag that MiB's runs refuse; the same flag for LSKD alone, refused by FT's step 0, which
+    # LSKD's row starts from (before, each run failed in turn)
+    for args, refusal in ((["--methods", "FT", "--dis", "0.5"], "unknown distance '0.5'"),
+                          (["--methods", "LSKD", "MiB", "--no_masks"], "MiB's runs refuse"),
+                          (["--methods", "LSKD", "--no_masks"], "FT's runs refuse")):
+        with pytest.raises(SystemExit):
+            lb.main([*args, "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert refusal in err and "--variant" in err and err.count("\n") == 1, err
     for args in (["--method", "MiB"], ["--random_seed=3"], ["--logdir", "runs", "--name", "x"]):
         with pytest.raises(SystemExit):
             lb.main(["--methods", "FT", *args, "--out", str(tmp_path / "out")])

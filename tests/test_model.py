@@ -12,12 +12,14 @@ import torch.nn.functional as F
 from models.resnet import ModelConfigError, build_backbone
 from modules.deeplab import DeeplabV3
 from modules.norm import is_norm_layer, make_norm_act
+import segmentation_module
 from segmentation_module import (
     PRETRAINED_DIR,
     PretrainedWeightsError,
+    check_pretrained,
+    default_pretrained_path,
     load_pretrained,
     make_model,
-    pretrained_path,
 )
 
 
@@ -282,7 +284,7 @@ def test_make_model_loads_pretrained_body(tmp_path):
 
 def test_default_pretrained_path():
     opts = _opts(backbone="resnet101", norm_act="iabn_sync", pretrained=None)
-    assert pretrained_path(opts) == PRETRAINED_DIR / "resnet101_iabn_sync.pth.tar"
+    assert default_pretrained_path(opts) == PRETRAINED_DIR / "resnet101_iabn_sync.pth.tar"
 
 
 def test_missing_pretrained_file_error(tmp_path):
@@ -291,8 +293,19 @@ def test_missing_pretrained_file_error(tmp_path):
         make_model(_opts(width=1.0, no_pretrained=False, pretrained=str(missing)), [2])
     message = str(err.value)
     assert "\n" not in message
-    assert str(missing) in message and "--no_pretrained" in message
-    assert "mapillary/inplace_abn" in message and "PLOP" in message
+    assert message.startswith(f"--pretrained {missing} is not a file") and "--no_pretrained" in message
+    assert str(PRETRAINED_DIR / "resnet18_iabn_sync.pth.tar") in message  # the default it would read instead
+
+
+@pytest.mark.parametrize("backbone,source", [("resnet101", "'ResNet101 iABN sync'"),
+                                             ("resnet50", "the resnet50 ImageNet")])
+def test_missing_default_imagenet_file_names_where_to_get_it(monkeypatch, tmp_path, backbone, source):
+    monkeypatch.setattr(segmentation_module, "PRETRAINED_DIR", tmp_path)
+    with pytest.raises(PretrainedWeightsError) as err:
+        check_pretrained(_opts(backbone=backbone, width=1.0, no_pretrained=False, pretrained=None))
+    message = str(err.value)
+    assert message.startswith(f"ImageNet weights {tmp_path / (backbone + '_iabn_sync.pth.tar')} are missing")
+    assert source in message and "mapillary/inplace_abn" in message and "--no_pretrained" in message
 
 
 def test_width_with_imagenet_weights_is_an_error():

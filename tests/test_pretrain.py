@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from argparser import parse_args
-from segmentation_module import PretrainedWeightsError, make_model, pretrained_path, read_pretrained
+from segmentation_module import PretrainedWeightsError, check_pretrained, make_model, read_pretrained
 
 from scripts_loader import load_script
 
@@ -48,7 +48,7 @@ def test_pretraining_is_deterministic_and_learns():
 def test_the_demos_step0_loads_the_shipped_pool_weights():
     opts = parse_args(["--dataset", "shapes", "--task", "15-1", *DEMO])
     assert not opts.no_pretrained and opts.shapes_version == 3
-    path = pretrained_path(opts)
+    path = check_pretrained(opts)
     assert path.parent == ROOT / "pretrained" and path.is_file()
     expected = read_pretrained(path)  # the body's keys, classifier dropped
     body = make_model(opts, [16]).body.state_dict()

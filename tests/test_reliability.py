@@ -221,7 +221,8 @@ def test_16_bit_images_are_scaled_and_float_images_refused(tmp_path):
 # --- item 5: numeric flags, the run directory, temp files ---------------------------------------
 @pytest.mark.parametrize("flag,value", [("--batch_size", "0"), ("--val_batch_size", "0"), ("--num_workers", "-1"),
                                         ("--crop_size", "0"), ("--log_interval", "0"), ("--val_interval", "0"),
-                                        ("--width", "0"), ("--lr", "nan"), ("--weight_decay", "-1")])
+                                        ("--width", "0"), ("--lr", "nan"), ("--weight_decay", "-1"),
+                                        ("--shapes_seed", "-1")])
 def test_numeric_flags_are_checked_at_parse_time(tmp_path, capsys, flag, value):
     assert run.main(["--dataset", "shapes", flag, value, "--logdir", str(tmp_path / "runs")]) == 2
     one_error_line(capsys, flag)

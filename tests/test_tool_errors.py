@@ -1,0 +1,60 @@
+"""The tools beside run.py stop a bad command line as run.py does (tests/test_reliability.py): one
+line on stderr, exit code 2, no traceback, before any work and without writing anything."""
+from __future__ import annotations
+
+import pytest
+
+import metrics.plots
+import metrics.report
+import run
+
+from scripts_loader import load_script
+
+CASES = [
+    # a run.py flag that no method reads: refused before the leaderboard starts any run
+    ("scripts/leaderboard.py", ["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+    # a method's flag given to a table that also runs other methods: refused for the first one it does not fit
+    ("scripts/leaderboard.py", ["--methods", "FT", "PLOP", "--pod_factor", "1"], "--pod_factor is read by"),
+    ("scripts/chaos.py", ["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+    # before, colour_cue read run.py's flags only with --ckpt: --shapes_seed alone was silently ignored
+    ("scripts/colour_cue.py", ["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+    ("scripts/colour_cue.py", ["--shapes_seed", "-1"], "--shapes_seed must be >= 0"),
+    ("scripts/pod_gap.py", ["--dataset", "shapes", "--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+    ("scripts/pseudo_label_quality.py", ["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+    ("scripts/class_confusion.py", [], "the following arguments are required: --classes"),
+    ("scripts/pretrain_shapes.py", ["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    ("scripts/pretrain_shapes.py", ["--lr", "nan"], "--lr must be a finite number"),
+    ("scripts/pretrain_shapes.py", ["--images", "8"], "--images 8 is fewer than one batch (--batch_size 16)"),
+    ("scripts/pretrain_shapes.py", ["--backbone", "vgg16"], "argument --backbone: invalid choice: 'vgg16'"),
+    # an --out that cannot be written stops before the hour of training, not after it
+    ("scripts/pretrain_shapes.py", ["--out", "/sys/cssbench-test/body.pth.tar"], "its folder cannot be written"),
+    ("scripts/bench_speed.py", ["--methods", "FT", "NoSuchMethod"], "unknown method 'NoSuchMethod'"),
+    ("scripts/gpu_check.py", ["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+    ("data/make_shapes.py", [], "the following arguments are required: --root"),
+]
+
+
+def _expect_one_line_exit_2(main, argv, fragment, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the tools' default output folders are relative: nothing may appear
+    with pytest.raises(SystemExit) as exit_:
+        run.script_main(lambda: main(argv))  # as each tool's __main__ runs it (a user error: one line)
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert fragment in lines[0], lines[0]
+    assert lines[0].count("--help") <= 1, lines[0]  # one pointer to the help, not run.py's and the tool's
+    assert not captured.out.strip(), captured.out  # nothing started
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("tool,argv,fragment", CASES, ids=[f"{t.split('/')[-1]}:{' '.join(a)}" for t, a, _ in CASES])
+def test_a_bad_command_line_is_one_line(tool, argv, fragment, capsys, tmp_path, monkeypatch):
+    _expect_one_line_exit_2(load_script(tool).main, argv, fragment, capsys, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("module,prog", [(metrics.report, "python -m metrics.report"),
+                                         (metrics.plots, "python -m metrics.plots")])
+def test_the_metrics_tools_name_how_they_are_run(module, prog, capsys, tmp_path, monkeypatch):
+    _expect_one_line_exit_2(module.main, [], f"{prog}: error: the following arguments are required: results",
+                            capsys, tmp_path, monkeypatch)
