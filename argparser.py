@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import pkgutil
 from pathlib import Path
 
@@ -284,6 +285,9 @@ def parse_args(argv=None, tool_reads: frozenset[str] = frozenset()):
         opts.norm_act = "bn"
     if opts.name is None:
         opts.name = opts.method
+    if opts.name in ("", ".", "..") or "/" in opts.name or os.sep in opts.name:
+        raise ConfigError(f"--name {opts.name!r} must name one folder under LOGDIR/DATASET/TASK-PROTOCOL (no '/', "
+                          "not empty, '.' or '..'); use --logdir to put runs elsewhere")
     if opts.val_batch_size is None:
         opts.val_batch_size = opts.batch_size if opts.crop_val else 1
     if opts.dataset != "shapes" and opts.data_root is None:

@@ -35,8 +35,8 @@ from utils.errors import CheckpointError, UserError
 from utils.logger import Logger
 from utils.malloc import keep_freed_memory
 from utils.seeding import derive_seed, seed_everything
-from utils.step_checkpoint import (check_checkpoint, epoch_checkpoint, load_weights, previous_checkpoint, resume,
-                                   step_checkpoint)
+from utils.step_checkpoint import (check_checkpoint, check_reusable, epoch_checkpoint, load_weights,
+                                   previous_checkpoint, resume, step_checkpoint)
 
 USER_ERRORS = (UserError, TaskError, DataError, PretrainedWeightsError, MethodStateError)
 
@@ -157,7 +157,7 @@ def train_one_step(opts, info: DistInfo, task: Task, index: int, directory: Path
     seed_everything(derive_seed(opts.random_seed, step, epochs, info.rank))
     method.after_step(ctx)
     if info.is_main:
-        checkpoint.save_atomic(step_checkpoint(model, trainer, method, epochs, task, opts),
+        checkpoint.save_atomic(step_checkpoint(model, trainer, method, epochs, task, opts, teacher_digest),
                                directory / f"step-{step}.pth")
         partial.unlink(missing_ok=True)
     barrier()
@@ -245,6 +245,8 @@ def run(opts, info: DistInfo) -> list[dict]:
                     raise CheckpointError(f"--test needs the checkpoint {path}, which does not exist; train "
                                           f"step {step} first or pass --ckpt PATH")
             elif path.is_file() and not opts.overwrite:
+                teacher = previous_checkpoint(opts, step, index, directory)[1] if step > 0 else {}
+                check_reusable(checkpoint.load(path), opts, teacher.get(checkpoint.DIGEST_KEY), path)
                 logger.info(f"step {step}: {path} exists, reusing it (pass --overwrite to retrain)")
                 if info.is_main:  # left by a kill between the step's final save and its cleanup
                     (directory / f"step-{step}.last.pth").unlink(missing_ok=True)

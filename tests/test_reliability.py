@@ -169,6 +169,40 @@ def test_digest_covers_every_tensor_and_value():
         assert checkpoint.content_digest(changed) != digest
 
 
+def test_a_finished_step_is_reused_only_under_its_flags_and_teacher(tmp_path, capsys):
+    """A rerun reuses a finished step (its scores are recomputed, not its training) only if this
+    command would have trained it: before, --lr 0.02 reported the scores of an lr-0.01 step."""
+    args = [*TINY, "--epochs", "1", "--shapes_train_size", "96", "--shapes_val_size", "64", "--logdir", str(tmp_path),
+            "--cache_dir", str(tmp_path / "cache")]
+    assert run.main([*args, "--step", "0", "1"]) == 0
+    assert run.main([*args, "--step", "0", "1"]) == 0
+    assert capsys.readouterr().out.count("exists, reusing it") == 2
+
+    def weights():
+        return {p: b for p, b in files(tmp_path).items() if p.suffix == ".pth"}
+
+    before = weights()
+    # step 1's lr changed, step 0's not: step 0 is reused, step 1 refused
+    assert run.main([*args, "--step", "0", "1", "--lr", "0.01", "0.02"]) == 2
+    one_error_line(capsys, "step-1.pth was trained with --lr 0.01, this run passes --lr 0.02", "--overwrite")
+    assert weights() == before
+    # step 0 retrained under another lr: step 1 was trained from the old one
+    assert run.main([*args, "--step", "0", "--lr", "0.02", "0.01", "--overwrite"]) == 0
+    capsys.readouterr()
+    before = weights()
+    assert run.main([*args, "--step", "1", "--lr", "0.02", "0.01"]) == 2
+    one_error_line(capsys, "the step 0 checkpoint changed since", "step-1.pth", "--overwrite")
+    assert weights() == before
+    assert run.main([*args, "--step", "1", "--test"]) == 0  # evaluating what is there stays allowed
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "a/b", "", ".", ".."])
+def test_a_name_that_is_not_one_folder_is_refused(tmp_path, capsys, name):
+    assert run.main([*TINY, "--name", name, "--logdir", str(tmp_path / "runs")]) == 2
+    one_error_line(capsys, f"--name {name!r} must name one folder")
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("flag,value", [("--output_stride", "8"), ("--pooling", "16")])
 def test_checkpoint_of_another_architecture_is_refused(step0, capsys, flag, value):
     logdir, run_dir = step0

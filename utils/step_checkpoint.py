@@ -90,25 +90,49 @@ def previous_checkpoint(opts, step: int, index: int, directory: Path) -> tuple[P
     return path, checkpoint.load(path)
 
 
-def check_resumable(state: dict, opts, world_size: int, teacher_digest, path) -> None:
-    """Refuse to resume a step under other flags, another number of processes or another
-    teacher: the remaining epochs would not be the ones the interrupted run had left."""
-    step = state["task"]["step"]
-    fix = f"rerun with the flags of the interrupted run, or pass --overwrite to restart step {step}"
-    saved = state.get("opts") or {}
+def changed_flag(saved: dict, opts, step: int) -> tuple[str, object, object] | None:
+    """The first flag that trains step ``step`` differently from a checkpoint's record of its
+    flags, as (name, recorded value, this run's value); None when they agree."""
     now = options_record(opts)
     for key in sorted(set(saved) & set(now) - RESUME_NEUTRAL):
         before, after = saved[key], now[key]
         if key in PER_STEP:
             before, after = (v[min(step, len(v) - 1)] for v in (before, after))  # argparser.per_step
         if before != after:
-            raise CheckpointError(f"{path} was interrupted with --{key} {_flag(before)}, this run passes "
-                                  f"--{key} {_flag(after)}; {fix}")
+            return key, before, after
+    return None
+
+
+def check_resumable(state: dict, opts, world_size: int, teacher_digest, path) -> None:
+    """Refuse to resume a step under other flags, another number of processes or another
+    teacher: the remaining epochs would not be the ones the interrupted run had left."""
+    step = state["task"]["step"]
+    fix = f"rerun with the flags of the interrupted run, or pass --overwrite to restart step {step}"
+    changed = changed_flag(state.get("opts") or {}, opts, step)
+    if changed:
+        key, before, after = changed
+        raise CheckpointError(f"{path} was interrupted with --{key} {_flag(before)}, this run passes "
+                              f"--{key} {_flag(after)}; {fix}")
     if state.get("world_size", world_size) != world_size:
         raise CheckpointError(f"{path} was interrupted with {state['world_size']} processes, this run has "
                               f"{world_size}; {fix}")
     if state.get("teacher_digest") != teacher_digest:
         raise CheckpointError(f"the step {step - 1} checkpoint changed since {path} was written; {fix}")
+
+
+def check_reusable(state: dict, opts, teacher_digest, path) -> None:
+    """Refuse to reuse a finished step that this run's flags or teacher would train differently:
+    its scores would be reported under a command that did not produce them.  (Checkpoints
+    written before the teacher's digest was recorded are checked on their flags only.)"""
+    step = state["task"]["step"]
+    fix = f"pass --overwrite to retrain step {step}, or another --name to keep both"
+    changed = changed_flag(state.get("opts") or {}, opts, step)
+    if changed:
+        key, before, after = changed
+        raise CheckpointError(f"{path} was trained with --{key} {_flag(before)}, this run passes "
+                              f"--{key} {_flag(after)}; {fix}")
+    if "teacher_digest" in state and state["teacher_digest"] != teacher_digest:
+        raise CheckpointError(f"the step {step - 1} checkpoint changed since {path} was trained from it; {fix}")
 
 
 def _flag(value) -> str:
@@ -124,11 +148,13 @@ def epoch_checkpoint(model, trainer, method, epoch: int, task: Task, opts, world
             "world_size": world_size, "teacher_digest": teacher_digest, "method_in_step": method.in_step_state()}
 
 
-def step_checkpoint(model, trainer, method, epochs: int, task: Task, opts) -> dict:
-    """A finished step: the teacher of the next one, with the method's state for it."""
+def step_checkpoint(model, trainer, method, epochs: int, task: Task, opts, teacher_digest) -> dict:
+    """A finished step: the teacher of the next one, with the method's state for it, and the
+    digest of its own teacher's file (``check_reusable``)."""
     return {"model": model.state_dict(), "trainer": trainer.state_dict(), "epoch": epochs - 1,
             "method": opts.method, "method_state": method.state_dict(), "task": task_record(task),
-            "architecture": architecture_record(opts), "opts": options_record(opts)}
+            "architecture": architecture_record(opts), "opts": options_record(opts),
+            "teacher_digest": teacher_digest}
 
 
 def resume(path: Path, model, trainer, method, task: Task, opts, world_size: int, teacher_digest) -> int:
