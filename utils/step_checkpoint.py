@@ -90,17 +90,18 @@ def previous_checkpoint(opts, step: int, index: int, directory: Path) -> tuple[P
     return path, checkpoint.load(path)
 
 
-def changed_flag(saved: dict, opts, step: int) -> tuple[str, object, object] | None:
-    """The first flag that trains step ``step`` differently from a checkpoint's record of its
-    flags, as (name, recorded value, this run's value); None when they agree."""
-    now = options_record(opts)
+def refuse_changed_flags(state: dict, opts, path, done: str, fix: str) -> None:
+    """Raise when one of this run's flags would train the checkpoint's step otherwise than its
+    recorded flags did (``done``: what happened to ``path`` under them)."""
+    step = state["task"]["step"]
+    saved, now = state.get("opts") or {}, options_record(opts)
     for key in sorted(set(saved) & set(now) - RESUME_NEUTRAL):
         before, after = saved[key], now[key]
         if key in PER_STEP:
             before, after = (v[min(step, len(v) - 1)] for v in (before, after))  # argparser.per_step
         if before != after:
-            return key, before, after
-    return None
+            raise CheckpointError(f"{path} was {done} with --{key} {_flag(before)}, this run passes "
+                                  f"--{key} {_flag(after)}; {fix}")
 
 
 def check_resumable(state: dict, opts, world_size: int, teacher_digest, path) -> None:
@@ -108,11 +109,7 @@ def check_resumable(state: dict, opts, world_size: int, teacher_digest, path) ->
     teacher: the remaining epochs would not be the ones the interrupted run had left."""
     step = state["task"]["step"]
     fix = f"rerun with the flags of the interrupted run, or pass --overwrite to restart step {step}"
-    changed = changed_flag(state.get("opts") or {}, opts, step)
-    if changed:
-        key, before, after = changed
-        raise CheckpointError(f"{path} was interrupted with --{key} {_flag(before)}, this run passes "
-                              f"--{key} {_flag(after)}; {fix}")
+    refuse_changed_flags(state, opts, path, "interrupted", fix)
     if state.get("world_size", world_size) != world_size:
         raise CheckpointError(f"{path} was interrupted with {state['world_size']} processes, this run has "
                               f"{world_size}; {fix}")
@@ -126,11 +123,7 @@ def check_reusable(state: dict, opts, teacher_digest, path) -> None:
     written before the teacher's digest was recorded are checked on their flags only.)"""
     step = state["task"]["step"]
     fix = f"pass --overwrite to retrain step {step}, or another --name to keep both"
-    changed = changed_flag(state.get("opts") or {}, opts, step)
-    if changed:
-        key, before, after = changed
-        raise CheckpointError(f"{path} was trained with --{key} {_flag(before)}, this run passes "
-                              f"--{key} {_flag(after)}; {fix}")
+    refuse_changed_flags(state, opts, path, "trained", fix)
     if "teacher_digest" in state and state["teacher_digest"] != teacher_digest:
         raise CheckpointError(f"the step {step - 1} checkpoint changed since {path} was trained from it; {fix}")
 
