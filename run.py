@@ -36,7 +36,7 @@ from utils.logger import Logger
 from utils.malloc import keep_freed_memory
 from utils.seeding import derive_seed, seed_everything
 from utils.step_checkpoint import (check_checkpoint, check_reusable, epoch_checkpoint, load_weights,
-                                   previous_checkpoint, resume, step_checkpoint)
+                                   previous_checkpoint, previous_checkpoint_path, resume, step_checkpoint)
 
 USER_ERRORS = (UserError, TaskError, DataError, PretrainedWeightsError, MethodStateError)
 
@@ -245,8 +245,10 @@ def run(opts, info: DistInfo) -> list[dict]:
                     raise CheckpointError(f"--test needs the checkpoint {path}, which does not exist; train "
                                           f"step {step} first or pass --ckpt PATH")
             elif path.is_file() and not opts.overwrite:
-                teacher = previous_checkpoint(opts, step, index, directory)[1] if step > 0 else {}
-                check_reusable(checkpoint.load(path), opts, teacher.get(checkpoint.DIGEST_KEY), path)
+                # records only (tensors memory-mapped, not read): test_one_step loads the step, verified
+                teacher = (checkpoint.read_record(previous_checkpoint_path(opts, step, index, directory))
+                           if step > 0 else {})
+                check_reusable(checkpoint.read_record(path), opts, teacher.get(checkpoint.DIGEST_KEY), path)
                 logger.info(f"step {step}: {path} exists, reusing it (pass --overwrite to retrain)")
                 if info.is_main:  # left by a kill between the step's final save and its cleanup
                     (directory / f"step-{step}.last.pth").unlink(missing_ok=True)

@@ -113,11 +113,24 @@ def remove_stale_temp_files(folder: str | os.PathLike, pattern: str = "*.tmp") -
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:
     """A checkpoint whose digest matches its content; anything else is a CheckpointError."""
-    path = Path(path)
+    obj = _read(Path(path), map_location)
+    if content_digest(obj) != obj[DIGEST_KEY]:
+        raise CheckpointError(f"checkpoint {path} is damaged (its content does not match its digest); "
+                              "delete it and train that step again")
+    return obj
+
+
+def read_record(path: str | os.PathLike) -> dict:
+    """A checkpoint as recorded, its tensors memory-mapped instead of read and its digest not
+    checked: what a check compares (flags, recorded digests) before a verified ``load`` uses it."""
+    return _read(Path(path), "cpu", mmap=True)
+
+
+def _read(path: Path, map_location, mmap: bool = False) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=False)
+        obj = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as exc:  # truncated or foreign file
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
@@ -125,9 +138,6 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     if not isinstance(obj, dict) or DIGEST_KEY not in obj:
         raise CheckpointError(f"checkpoint {path} has no content digest, so it was not written by this tool "
                               "(or is damaged); delete it and train that step again")
-    if content_digest(obj) != obj[DIGEST_KEY]:
-        raise CheckpointError(f"checkpoint {path} is damaged (its content does not match its digest); "
-                              "delete it and train that step again")
     return obj
 
 

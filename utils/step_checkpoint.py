@@ -81,13 +81,19 @@ def load_weights(model, state: dict, path, strict: bool = True, allowed_missing:
 
 
 def previous_checkpoint(opts, step: int, index: int, directory: Path) -> tuple[Path, dict]:
-    """The step t-1 checkpoint, the teacher of step t: ``--step_ckpt`` for the first requested
-    step, else the run directory's."""
+    """The step t-1 checkpoint, the teacher of step t, loaded."""
+    path = previous_checkpoint_path(opts, step, index, directory)
+    return path, checkpoint.load(path)
+
+
+def previous_checkpoint_path(opts, step: int, index: int, directory: Path) -> Path:
+    """The step t-1 checkpoint's file: ``--step_ckpt`` for the first requested step, else the run
+    directory's."""
     path = Path(opts.step_ckpt) if (opts.step_ckpt and index == 0) else directory / f"step-{step - 1}.pth"
     if not path.is_file():
         raise CheckpointError(f"step {step} needs the step {step - 1} checkpoint {path}, which does not exist; "
                               f"train step {step - 1} first (--step {step - 1}) or pass --step_ckpt")
-    return path, checkpoint.load(path)
+    return path
 
 
 def refuse_changed_flags(state: dict, opts, path, done: str, fix: str) -> None:
