@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from dataset.presence import compute_presence
 from dataset import shapes, shapes_v2
@@ -91,6 +92,57 @@ def test_split_presence_matches_labels(version):
         assert np.array_equal(presence[index], expected)
     image, label = split.load(3)
     assert image.shape == (64, 64, 3) and label.shape == (64, 64) and image.dtype == np.uint8
+
+
+def test_split_keeps_what_it_generated_read_only_and_equal_to_a_generation(version):
+    split = GENERATORS[version].ShapesSplit("train", 5, seed=3)
+    image, label = split.load(2)
+    expected_image, expected_label = GENERATORS[version].generate_sample(3, "train", 2)
+    assert np.array_equal(image, expected_image) and np.array_equal(label, expected_label)
+    again = split.load(2)
+    assert again[0] is image and again[1] is label  # kept, not generated again
+    with pytest.raises(ValueError, match="read-only"):
+        image[0, 0] = 0  # an in-place transform fails instead of changing the next epoch
+    assert split.memo.nbytes == image.nbytes + label.nbytes
+
+
+def test_memo_stops_keeping_at_its_budget_and_pickles_empty():
+    import pickle
+
+    split = shapes.ShapesSplit("val", 4, 32, seed=1)
+    sample_bytes = 32 * 32 * 4
+    split.memo.budget = 2 * sample_bytes
+    loaded = [split.load(i) for i in range(4)]
+    assert sorted(split.memo.samples) == [0, 1] and split.memo.nbytes == 2 * sample_bytes
+    beyond = split.load(3)
+    assert beyond[0] is not loaded[3][0]  # generated again, equal
+    assert np.array_equal(beyond[0], loaded[3][0]) and beyond[0].flags.writeable
+    copy = pickle.loads(pickle.dumps(split))  # what a worker started by spawn receives
+    assert copy == split and copy.memo.samples == {} and copy.memo.nbytes == 0
+    assert copy.memo.budget == split.memo.budget
+
+
+def test_training_samples_from_a_warm_split_equal_a_fresh_split(tmp_path):
+    """A later epoch reads the kept samples: its augmented batches equal those of a split that
+    generates every sample anew (the memo changes the speed, never a figure)."""
+    from types import SimpleNamespace
+
+    from dataset import Task, build_datasets
+    from dataset.loaders import SeededSamples
+
+    opts = SimpleNamespace(dataset="shapes", data_root=None, cache_dir=str(tmp_path), overlap=True,
+                           masking="plop", crop_size=24, crop_val=False, shapes_train_size=40,
+                           shapes_val_size=8, shapes_image_size=32, shapes_seed=0, num_workers=0)
+    warm, fresh = (SeededSamples(build_datasets(opts, Task("shapes", "15-5", 1))[0], seed=5) for _ in range(2))
+    for epoch in range(3):
+        for index in range(len(warm)):
+            image, label = warm[(epoch, index)]
+    assert warm.dataset.source.memo.samples and not fresh.dataset.source.memo.samples
+    for index in range(len(fresh)):
+        fresh.dataset.source.memo.samples.clear()
+        image, label = fresh[(2, index)]
+        warm_image, warm_label = warm[(2, index)]
+        assert torch.equal(image, warm_image) and torch.equal(label, warm_label)
 
 
 def test_unknown_split_rejected(version):
