@@ -34,11 +34,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import re
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -50,19 +48,18 @@ from typing import Callable, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import methods  # noqa: E402
 from argparser import HELP_HINT, parse_args, run_dir as run_folder  # noqa: E402
 from dataset.tasks import TaskError, canonical_task, layout  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
 from metrics.plots import plot_class_iou_heatmap, plot_miou_per_step  # noqa: E402
+from metrics.ranking import (DISJOINT, OVERLAPPED, RANKED, Protocol, canonical, markdown,  # noqa: E402
+                             pooled_markdown, ranking_spread, seed_name, summarise)
 from metrics.report import load_results, write_csv  # noqa: E402
 from utils.distributed import available_cpus  # noqa: E402
 from utils.cli import ToolParser  # noqa: E402
 
 METHODS = ["FT", "LwF", "LwF-MC", "ILT", "EWC", "RW", "PI", "MiB", "PLOP", "SDR", "REMINDER", "LGKD", "LSKD",
            "DKD", "DKD-M"]
-# Compared with VOC over all seeds; the others run the first seed only.
-RANKED = ["FT", "LwF", "ILT", "MiB", "SDR", "PLOP", "REMINDER", "DKD", "LSKD"]
 SEEDS = [42, 1, 2]
 # Step 0 of these equals FT's step 0 (same loss, same data, same seed).
 SHARES_FT_STEP0 = {"LwF", "ILT", "MiB", "PLOP", "LGKD", "LSKD"}
@@ -77,82 +74,10 @@ REFERENCE_LR = 0.001
 # 10x lower base lr than MiB/PLOP, so it gets the demo's lrs divided by 10.
 LR_DIVISOR = {"DKD": 10, "DKD-M": 10}
 
-# Sources cited by many rows of the two tables below.
-MIB_TABLE_1 = "MiB, CVPR 2020, Tab. 1"
-DKD_README = "DKD, NeurIPS 2022 (all and hIoU of its README; old/new derived from them)"
-
-# Published VOC 15-1 overlapped (old 0-15 / new 16-20 / all, mIoU %), with their source.
-PUBLISHED = {
-    "FT": (0.2, 1.8, 0.6, MIB_TABLE_1),
-    "LwF": (1.0, 3.9, 1.8, MIB_TABLE_1),
-    "LwF-MC": (6.4, 8.4, 6.9, MIB_TABLE_1),
-    "ILT": (4.9, 7.8, 5.7, MIB_TABLE_1),
-    "EWC": (0.3, 4.3, 1.3, MIB_TABLE_1),
-    "RW": (0.0, 5.2, 1.3, MIB_TABLE_1),
-    "PI": (0.0, 1.8, 0.5, MIB_TABLE_1),
-    "MiB": (35.1, 13.5, 29.7, MIB_TABLE_1),
-    "SDR": (47.3, 14.7, 39.5, "SDR on MiB, CVPR 2021, as in LSKD, TIP 2024, Tab. I"),
-    "PLOP": (65.1, 21.1, 54.6, "PLOP, CVPR 2021, Tab. 1"),
-    "REMINDER": (68.3, 27.2, 58.5, "REMINDER, CVPR 2022, Tab. 1"),
-    "LSKD": (72.8, 34.5, 63.7, "LSKD, TIP 2024, Tab. I"),
-    "DKD": (78.4, 45.4, 70.5, DKD_README),
-    "DKD-M": (78.9, 54.0, 73.0, DKD_README),
-}
-# Published VOC 15-1 disjoint, where a paper gives it (REMINDER's gives overlapped only).
-PUBLISHED_DISJOINT = {
-    "FT": (0.2, 1.8, 0.6, MIB_TABLE_1),
-    "LwF": (0.8, 3.6, 1.5, MIB_TABLE_1),
-    "LwF-MC": (4.5, 7.0, 5.2, MIB_TABLE_1),
-    "ILT": (3.7, 5.7, 4.2, MIB_TABLE_1),
-    "EWC": (0.3, 4.3, 1.3, MIB_TABLE_1),
-    "RW": (0.2, 5.4, 1.5, MIB_TABLE_1),
-    "PI": (0.0, 1.8, 0.4, MIB_TABLE_1),
-    "MiB": (46.2, 12.9, 37.9, MIB_TABLE_1),
-    "SDR": (59.4, 14.3, 48.7, "SDR on MiB, CVPR 2021, as in LSKD, TIP 2024, Tab. II"),
-    "PLOP": (57.9, 13.7, 46.5, "PLOP, CVPR 2021, as in LSKD, TIP 2024, Tab. II"),
-    "LSKD": (67.6, 24.4, 57.4, "LSKD, TIP 2024, Tab. II"),
-    "DKD": (76.8, 41.9, 68.5, DKD_README),
-    "DKD-M": (77.5, 49.4, 70.8, DKD_README),
-}
-SCORES = ("miou_old", "miou_new", "miou_all", "hiou", "avg")
-# The rank correlation with VOC that issue 15 asks of the ranked methods.
-RHO_TARGET = 0.8
-
-
-def canonical(name: str) -> str:
-    """The registry's spelling of a method (``LwF`` is registered as ``LWF``): every table above is
-    looked up under it."""
-    return methods.get_method_class(name).name
-
-
-METHODS, RANKED = [canonical(m) for m in METHODS], [canonical(m) for m in RANKED]
+METHODS = [canonical(m) for m in METHODS]
 SHARES_FT_STEP0 = {canonical(m) for m in SHARES_FT_STEP0}
 REG_IMPORTANCE = {canonical(m): v for m, v in REG_IMPORTANCE.items()}
 LR_DIVISOR = {canonical(m): v for m, v in LR_DIVISOR.items()}
-PUBLISHED = {canonical(m): v for m, v in PUBLISHED.items()}
-PUBLISHED_DISJOINT = {canonical(m): v for m, v in PUBLISHED_DISJOINT.items()}
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """How an increment's training images are chosen (``mib_plop.md`` §2): *overlapped* keeps
-    images that also hold future classes (labelled background there), *disjoint* drops them.  VOC
-    ranks the methods differently under the two (MiB keeps more old classes disjoint, PLOP fewer),
-    so each is compared with its own published rows."""
-
-    overlap: bool
-    published: dict
-
-    @property
-    def name(self) -> str:
-        return "overlapped" if self.overlap else "disjoint"
-
-    @property
-    def flags(self) -> list[str]:
-        return ["--overlap"] if self.overlap else []
-
-
-OVERLAPPED, DISJOINT = Protocol(True, PUBLISHED), Protocol(False, PUBLISHED_DISJOINT)
 
 
 DEMO_FLAGS = ROOT / "scripts" / "demo_flags.txt"
@@ -187,10 +112,6 @@ def step0_recipe(method: str) -> str:
 def run_dir(logdir: Path, name: str, task: str = "15-1", protocol: Protocol = OVERLAPPED) -> Path:
     """Where run.py keeps the run (``argparser.run_dir``, which names the protocol)."""
     return run_folder(SimpleNamespace(logdir=logdir, dataset="shapes", task=task, overlap=protocol.overlap, name=name))
-
-
-def seed_name(method: str, seed: int) -> str:
-    return f"{method}-seed{seed}"
 
 
 @dataclass(frozen=True)
@@ -258,10 +179,15 @@ class Job:
     row: Optional[str] = None
 
 
+def table_rows(chosen: list[str], variants: Sequence[Variant] = ()) -> dict[str, Variant]:
+    """The table's rows by name: each chosen method with its preset, then each variant."""
+    return {m: Variant(m, m, ()) for m in chosen} | {v.name: v for v in variants}
+
+
 def plan(chosen: list[str], seeds_of: dict[str, list[int]], logdir: Path, last_step: int = 5,
          variants: Sequence[Variant] = (), task: str = "15-1", protocol: Protocol = OVERLAPPED) -> list[Job]:
     """Every run of the table: one step-0 run per recipe, then each row's seeds from it."""
-    rows = {m: Variant(m, m, ()) for m in chosen} | {v.name: v for v in variants}
+    rows = table_rows(chosen, variants)
     jobs = [Job(recipe, recipe, ["0"]) for recipe in dict.fromkeys(v.recipe for v in rows.values())]
     for row, v in rows.items():
         step0 = run_dir(logdir, v.recipe, task, protocol) / "step-0.pth"
@@ -333,129 +259,6 @@ def last_line(proc: subprocess.Popen) -> str:
         return "its error is above"
     lines = [l for l in Path(log).read_text(errors="replace").splitlines() if l.strip()]
     return f"{lines[-1].strip() if lines else 'no output'}; log: {log}"
-
-
-def _last_by_step(rows: list[dict], name: str, protocol: Protocol) -> dict[int, dict]:
-    steps: dict[int, dict] = {}
-    for r in rows:
-        if (r["name"] == name and r["dataset"] == "shapes" and layout(r["task"]) == "15-1"
-                and r["overlap"] == protocol.overlap):
-            steps[r["step"]] = r  # a later line of the same step wins
-    return steps
-
-
-def seed_scores(rows: list[dict], method: str, seed: int, recipe: Optional[str] = None,
-                protocol: Protocol = OVERLAPPED) -> dict | None:
-    """The last step's scores of one seed of a row, and *avg*: the mean of the per-step mIoU,
-    step 0's taken from the shared step-0 run (``recipe``, default the method's)."""
-    steps = _last_by_step(rows, seed_name(method, seed), protocol)
-    step0 = _last_by_step(rows, recipe or step0_recipe(method), protocol).get(0)
-    if not steps or step0 is None:
-        return None
-    steps[0] = step0
-    last = steps[max(steps)]
-    out = {k: last[k] for k in SCORES if k != "avg"}
-    out["avg"] = statistics.mean(s["miou_all"] for s in steps.values())
-    return out
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman's rank correlation, ties taking their average rank."""
-    def ranks(values):
-        order = sorted(range(len(values)), key=lambda i: values[i])
-        result = [0.0] * len(values)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                result[order[k]] = (i + j) / 2 + 1
-            i = j + 1
-        return result
-
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = statistics.mean(ra), statistics.mean(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    return cov / (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
-
-
-def summarise(rows: list[dict], seeds_of: dict[str, list[int]], recipes: Optional[dict[str, str]] = None,
-              protocol: Protocol = OVERLAPPED) -> list[dict]:
-    """One row per method or variant: mean and sd over its seeds of every score, and the
-    published row under ``protocol`` (``recipes``: the step-0 run of a variant's row)."""
-    table = []
-    for method, seeds in seeds_of.items():
-        recipe = (recipes or {}).get(method)
-        found = [s for s in (seed_scores(rows, method, seed, recipe, protocol) for seed in seeds) if s is not None]
-        if not found:
-            continue
-        row = {"method": method, "seeds": len(found)}
-        for key in SCORES:
-            values = [100 * s[key] for s in found if s[key] is not None]
-            row[key] = statistics.mean(values) if values else None
-            row[key + "_sd"] = statistics.stdev(values) if len(values) > 1 else None
-        old, new, all_, source = protocol.published.get(method, (None, None, None, ""))
-        row.update(voc_old=old, voc_new=new, voc_all=all_, voc_source=source)
-        table.append(row)
-    return table
-
-
-def ranking_correlation(table: list[dict]) -> tuple[float | None, list[str]]:
-    """Spearman's rho of the all-class mIoU here and on VOC, over the ranked methods present."""
-    rows = [r for r in table if r["method"] in RANKED and r["voc_all"] is not None and r["miou_all"] is not None]
-    if len(rows) < 3:
-        return None, [r["method"] for r in rows]
-    return spearman([r["miou_all"] for r in rows], [r["voc_all"] for r in rows]), [r["method"] for r in rows]
-
-
-def ranking_spread(rows: list[dict], seeds_of: dict[str, list[int]], protocol: Protocol = OVERLAPPED,
-                   limit: int = 200_000) -> tuple[float, float, float, float, int] | None:
-    """How much of the table's rho is seed noise: rho with VOC when every ranked method contributes
-    one of its seeds' all-class mIoU instead of their mean, over every such combination.  Returns
-    (lowest, highest, mean, share of draws >= RHO_TARGET, draws); None with fewer than three
-    ranked methods, a single seed each, or more than ``limit`` combinations.  (Variants are not
-    ranked, so every method here starts from its own recipe's step 0.)"""
-    per_method = {}
-    for method, seeds in seeds_of.items():
-        if method not in RANKED or method not in protocol.published:
-            continue
-        found = (seed_scores(rows, method, seed, protocol=protocol) for seed in seeds)
-        values = [s["miou_all"] for s in found if s is not None and s["miou_all"] is not None]
-        if values:
-            per_method[method] = values
-    draws = math.prod(len(v) for v in per_method.values())
-    if len(per_method) < 3 or draws == 1 or draws > limit:
-        return None
-    voc = [protocol.published[m][2] for m in per_method]
-    rhos = [spearman(list(draw), voc) for draw in itertools.product(*per_method.values())]
-    return min(rhos), max(rhos), statistics.mean(rhos), sum(r >= RHO_TARGET for r in rhos) / draws, draws
-
-
-def _cell(row: dict, key: str) -> str:
-    value, sd = row[key], row[key + "_sd"]
-    if value is None:
-        return "-"
-    return f"{value:.2f} ± {sd:.2f}" if sd is not None else f"{value:.2f}"
-
-
-def markdown(table: list[dict], spread: Optional[tuple] = None, protocol: Protocol = OVERLAPPED) -> str:
-    voc = "VOC" if protocol.overlap else f"VOC {protocol.name}"
-    lines = [f"| method | seeds | old | new | all | hIoU | avg | {voc} old / new / all |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in table:
-        published = f"{r['voc_old']} / {r['voc_new']} / {r['voc_all']}" if r["voc_all"] is not None else "-"
-        lines.append(f"| {r['method']} | {r['seeds']} | " + " | ".join(_cell(r, k) for k in SCORES)
-                     + f" | {published} |")
-    rho, names = ranking_correlation(table)
-    if rho is not None:
-        lines.append(f"\nSpearman rank correlation of all-class mIoU with {voc} over {len(names)} methods "
-                     f"({', '.join(names)}): {rho:.2f}")
-    if spread is not None:
-        low, high, mean, share, draws = spread
-        lines.append(f"With one seed per method instead of the mean ({draws} draws): {low:.2f} to {high:.2f}, "
-                     f"mean {mean:.2f}, at least {RHO_TARGET} in {100 * share:.0f} % of draws")
-    return "\n".join(lines)
 
 
 def launcher(logdir: Path, out: Path, extra: list[str], base: list[str]) -> Callable[[Job, int], subprocess.Popen]:
@@ -584,8 +387,9 @@ def one_table(chosen: list[str], seeds_of: dict[str, list[int]], args, task: str
     first = [r for m in seeds_of for r in rows if r["name"] == seed_name(m, seeds_of[m][0])]
     plot_miou_per_step(first, out / "miou_per_step.png")
     plot_class_iou_heatmap(first, out / "class_iou.png")
-    table = summarise(rows, seeds_of, {v.name: v.recipe for v in args.variant}, args.protocol)
-    text = markdown(table, ranking_spread(rows, seeds_of, args.protocol), args.protocol)
+    recipes = {name: row.recipe for name, row in table_rows(chosen, args.variant).items()}
+    table = summarise(rows, seeds_of, recipes, args.protocol)
+    text = markdown(table, ranking_spread(rows, seeds_of, recipes, args.protocol), args.protocol)
     text += "".join(f"\n{m}: did not finish (left out)" for m in failed)
     (out / "table.md").write_text(text + "\n")
     write_csv(table, out / "table.csv")
@@ -595,38 +399,6 @@ def one_table(chosen: list[str], seeds_of: dict[str, list[int]], args, task: str
         per_row[j.row or j.name] = per_row.get(j.row or j.name, 0) + minutes.get(j.name, 0)
     print("run minutes per row (step-0 runs apart): " + ", ".join(f"{m} {v:.1f}" for m, v in per_row.items()))
     return table, failed
-
-
-def pool_tables(tables: dict[str, tuple[list[dict], list[str]]]) -> list[dict]:
-    """One row per method that finished in every table (draw or class order): the mean and sd over
-    tables of its per-table means (the seeds' spread is each table's)."""
-    per_table = [{r["method"]: r for r in table} for table, _ in tables.values()]
-    pooled = []
-    for method in [m for m in per_table[0] if all(m in rows for rows in per_table)]:
-        rows = [table[method] for table in per_table]
-        row = {"method": method, "seeds": f"{len(rows)}×{rows[0]['seeds']}"}
-        for key in SCORES:
-            values = [r[key] for r in rows if r[key] is not None]
-            row[key] = statistics.mean(values) if values else None
-            row[key + "_sd"] = statistics.stdev(values) if len(values) > 1 else None
-        row.update({k: rows[0][k] for k in ("voc_old", "voc_new", "voc_all", "voc_source")})
-        pooled.append(row)
-    return pooled
-
-
-def pooled_markdown(tables: dict[str, tuple[list[dict], list[str]]], noun: str = "draw",
-                    protocol: Protocol = OVERLAPPED) -> str:
-    """The pooled table (its *seeds* column: tables × seeds), each table's Spearman and the
-    methods left out of some table; ``noun`` says what the tables are (draw, order)."""
-    text = markdown(pool_tables(tables), protocol=protocol)
-    text = text.replace("| method | seeds |", f"| method | {noun}s × seeds |")
-    rhos = ", ".join(f"{label} {rho:.2f}" for label, (table, _) in tables.items()
-                     for rho in [ranking_correlation(table)[0]] if rho is not None)
-    text += f"\nSpearman of each {noun}'s table: {rhos}" if rhos else ""
-    for method in dict.fromkeys(m for _, failed in tables.values() for m in failed):
-        labels = [label for label, (_, failed) in tables.items() if method in failed]
-        text += f"\n{method}: did not finish on {', '.join(labels)} (left out)"
-    return text
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""scripts/leaderboard.py: the rank correlation, the seed summary, and the README's example
-method put on the leaderboard from a copy of the repository, as a user would."""
+"""scripts/leaderboard.py: the runs it plans and starts, its flags, and the README's example
+method put on the leaderboard from a copy of the repository, as a user would.  Its tables are
+tested in test_ranking.py."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from metrics.ranking import PUBLISHED, RANKED, canonical
 from scripts_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,50 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _leaderboard():
     return load_script("scripts/leaderboard.py")
-
-
-def test_spearman_by_hand():
-    lb = _leaderboard()
-    assert lb.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
-    assert lb.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    # ties share their mean rank: ranks (1, 2.5, 2.5, 4) against (1, 2, 3, 4) -> 4.5 / sqrt(4.5 * 5)
-    assert lb.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
-
-
-def _row(name, step, all_, old=0.5, new=0.1, hiou=0.2):
-    return {"dataset": "shapes", "task": "15-1", "overlap": True, "name": name, "step": step,
-            "miou_all": all_, "miou_old": old, "miou_new": new, "hiou": hiou}
-
-
-def test_summary_over_seeds_uses_the_shared_step0():
-    lb = _leaderboard()
-    rows = [_row("FT", 0, 0.80, old=0.80, new=None, hiou=None),
-            _row("MiB-seed42", 1, 0.60), _row("MiB-seed42", 2, 0.40, old=0.30),
-            _row("MiB-seed1", 1, 0.50), _row("MiB-seed1", 2, 0.20, old=0.50)]
-    (row,) = lb.summarise(rows, {"MiB": [42, 1]})
-    assert row["seeds"] == 2
-    assert row["miou_old"] == pytest.approx(40.0) and row["miou_old_sd"] == pytest.approx(14.1421356)
-    assert row["miou_all"] == pytest.approx(30.0)
-    # avg: mean over steps 0-2 of each seed (step 0 from FT's run), then over seeds
-    assert row["avg"] == pytest.approx(100 * ((0.8 + 0.6 + 0.4) / 3 + (0.8 + 0.5 + 0.2) / 3) / 2)
-    assert (row["voc_old"], row["voc_new"], row["voc_all"]) == (35.1, 13.5, 29.7)
-
-
-def test_ranking_spread_draws_one_seed_per_method():
-    """Every combination of one seed per ranked method: FT is always last, and MiB above PLOP
-    (the reverse of VOC's order) in one of MiB's x PLOP's four pairs -> rho 0.5 there, 1 elsewhere."""
-    lb = _leaderboard()
-    mib, plop = lb.canonical("MiB"), lb.canonical("PLOP")
-    seeds = {"FT": (0.05, 0.06), mib: (0.50, 0.40), plop: (0.45, 0.70)}
-    rows = [_row("FT", 0, 0.8, new=None, hiou=None)]
-    rows += [_row(f"{m}-seed{seed}", 1, value) for m, values in seeds.items() for seed, value in zip((42, 1), values)]
-    low, high, mean, share, draws = lb.ranking_spread(rows, {m: [42, 1] for m in seeds})
-    assert (low, high, draws) == (pytest.approx(0.5), pytest.approx(1.0), 8)
-    assert mean == pytest.approx((0.5 + 3 * 1.0) / 4) and share == pytest.approx(0.75)
-    assert "8 draws): 0.50 to 1.00, mean 0.88, at least 0.8 in 75 % of draws" in lb.markdown(
-        lb.summarise(rows, {m: [42, 1] for m in seeds}), (low, high, mean, share, draws))
-    # one seed each: nothing to draw
-    assert lb.ranking_spread(rows, {m: [42] for m in seeds}) is None
 
 
 def test_shared_settings_come_from_the_flags_file(tmp_path):
@@ -78,8 +36,8 @@ def test_shared_settings_come_from_the_flags_file(tmp_path):
     assert lb.method_flags("RW", lb.demo_flags(flags)[:-1] + ["0.002"]) == ["--reg_importance", "50"]
     assert lb.demo_flags() == (ROOT / "scripts" / "demo_flags.txt").read_text().split()
     # tables are keyed by the registry's spelling: LwF (registered as LWF) shares FT's step 0, has a VOC row
-    assert lb.step0_recipe(lb.canonical("LwF")) == "FT" and lb.PUBLISHED[lb.canonical("LwF")][2] == 1.8
-    assert lb.canonical("LwF") in lb.RANKED
+    assert lb.step0_recipe(canonical("LwF")) == "FT" and PUBLISHED[canonical("LwF")][2] == 1.8
+    assert canonical("LwF") in RANKED
 
 
 _FAKE_RUN = """
@@ -411,7 +369,7 @@ def test_disjoint_runs_without_overlap_in_its_own_folders_beside_vocs_disjoint_r
     assert "| MiB | 1 | 50.00 | 10.00 | 30.00 |" in table and "| 46.2 / 12.9 / 37.9 |" in table
     assert "| SDR | 1 | 50.00 | 10.00 | 50.00 |" in table and "| 59.4 / 14.3 / 48.7 |" in table
     assert "| REMINDER | 1 | 50.00 | 10.00 | 60.00 | 20.00 | 60.00 | - |" in table
-    names = ", ".join(lb.canonical(m) for m in ("MiB", "PLOP", "SDR"))
+    names = ", ".join(canonical(m) for m in ("MiB", "PLOP", "SDR"))
     assert f"with VOC disjoint over 3 methods ({names}): 1.00" in table
     # the same runs overlapped: VOC puts PLOP above SDR, so rho falls to 0.5 (ranks 1 2 3 against 1 3 2)
     calls.clear()
