@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import inspect
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from modules.norm import make_norm_act  # noqa: E402
 from modules.norm_drift import variance_ratios  # noqa: E402
 import run  # noqa: E402  (its user errors)
 from segmentation_module import shapes_pretrained_file  # noqa: E402
-from utils.checkpoint import save_atomic  # noqa: E402
+from utils.checkpoint import require_writable, save_atomic  # noqa: E402
 from utils.cli import ToolParser  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
 
@@ -169,11 +168,7 @@ def check_args(args: argparse.Namespace) -> Path:
     if args.images < args.batch_size:
         raise ConfigError(f"--images {args.images} is fewer than one batch (--batch_size {args.batch_size})")
     out = args.out or shapes_pretrained_file(args.backbone, args.width, args.norm_act)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out.parent).close()
-    except OSError as err:
-        raise ConfigError(f"--out {out}: its folder cannot be written ({err.strerror}); choose another --out") from None
+    require_writable(out, "--out")
     return out
 
 

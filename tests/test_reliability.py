@@ -270,6 +270,15 @@ def test_unwritable_run_directory_is_one_line(capsys):
     assert not logdir.exists()
 
 
+def test_unwritable_results_file_is_refused_before_training(tmp_path, capsys):
+    """Not after step 0 has trained, when its test would first write the file, and naming the
+    flag to change (the generic write error names --logdir)."""
+    results = "/sys/cssbench-test/results.jsonl"
+    assert run.main([*TINY, "--epochs", "1", "--logdir", str(tmp_path), "--results_file", results]) == 2
+    one_error_line(capsys, f"--results_file {results}: its folder cannot be written", "choose another --results_file")
+    assert not (tmp_path / RUN).exists()
+
+
 def test_full_disk_during_a_checkpoint_write(tmp_path):
     """A file-size limit makes the checkpoint write fail as a full disk does (EFBIG instead of
     ENOSPC, same path): one line, no temp file, no checkpoint."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 DIGEST_KEY = "digest"
 # Fault injection (scripts/chaos.py): SIGKILL this process inside its k-th checkpoint write,
@@ -101,6 +101,18 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def require_writable(path: str | os.PathLike, flag: str) -> None:
+    """Refuse ``flag``'s file ``path`` now if its folder cannot be written (created if missing), so
+    that a bad output path stops a run before its training, not after it."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise ConfigError(f"{flag} {path}: its folder cannot be written ({err.strerror or err}); make it "
+                          f"writable or choose another {flag}") from None
 
 
 def remove_stale_temp_files(folder: str | os.PathLike, pattern: str = "*.tmp") -> list[Path]:
