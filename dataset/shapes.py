@@ -179,8 +179,8 @@ def generate_label(seed: int, split: str, index: int, size: int = 64,
 class SampleMemo:
     """The samples a process has generated, kept (read-only) up to ``budget`` bytes.
 
-    Why: generating a 64x64 sample takes about 2.5 ms, as long as a small model trains on it, and
-    on a 2-core machine the loader worker takes that time from the training threads every epoch.
+    Why: generating a 64x64 sample takes about 2.5 ms, a quarter of the demo's training time per
+    image on one thread, and the loader worker spent it on every sample of every epoch.
     A sample is a pure function of its index, so the memo returns the very bytes a generation
     would: batches, hence every figure, are unchanged.  Read-only arrays make an in-place edit by
     a transform fail loudly instead of corrupting later epochs.  A pickled memo (a worker started
