@@ -20,16 +20,15 @@ import torch
 
 from argparser import parse_args, per_step, run_dir
 from dataset import build_datasets, channel_names
-from dataset.errors import DataError
 from dataset.loaders import eval_loader, train_loader
 from dataset.memory import with_memory
-from dataset.tasks import Task, TaskError
-from methods.base import MethodStateError
+from dataset.tasks import Task
 from metrics import incremental_scores
 from metrics.report import class_table, confusion_figure, record_result, summary_header, summary_row
-from segmentation_module import PretrainedWeightsError, make_model
+from segmentation_module import make_model
 from train import Timer, Trainer, evaluate
 from utils import checkpoint
+from utils.cli import one_line
 from utils.distributed import DistInfo, barrier, cleanup, init_distributed, share_cpus
 from utils.errors import CheckpointError, UserError
 from utils.logger import Logger
@@ -37,17 +36,6 @@ from utils.malloc import keep_freed_memory
 from utils.seeding import derive_seed, seed_everything
 from utils.step_checkpoint import (check_checkpoint, check_reusable, epoch_checkpoint, load_weights,
                                    previous_checkpoint, previous_checkpoint_path, resume, step_checkpoint)
-
-USER_ERRORS = (UserError, TaskError, DataError, PretrainedWeightsError, MethodStateError)
-
-
-def script_main(main) -> None:
-    """Run a script's ``main`` as run.py runs its own: a user error is one line and exit code 2."""
-    try:
-        main()
-    except USER_ERRORS as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(2)
 
 
 def build_model(opts, task: Task, info: DistInfo, pretrained: bool):
@@ -264,15 +252,6 @@ def run(opts, info: DistInfo) -> list[dict]:
     return results
 
 
-def one_line(exc: Exception) -> str:
-    """The message of an error, also when a DataLoader worker wrapped it in its traceback."""
-    message = str(exc).strip()
-    if "Original Traceback" in message:
-        last = message.splitlines()[-1]
-        message = last.split(": ", 1)[1] if ": " in last else last
-    return message
-
-
 def exit_on_signals() -> None:
     """SIGINT and SIGTERM end the process at once with one line on how to resume, exit 130/143.
 
@@ -307,7 +286,7 @@ def main(argv=None, own_process: bool = False) -> int:
             run(opts, info)
         finally:
             cleanup()
-    except USER_ERRORS as exc:
+    except UserError as exc:  # every problem the user can fix (utils/errors.py)
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # the run directory: read-only, full, no permission

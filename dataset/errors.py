@@ -7,6 +7,8 @@ plain one-argument form so that a DataLoader worker can re-raise it with its mes
 """
 from __future__ import annotations
 
+from utils.errors import UserError
 
-class DataError(RuntimeError):
+
+class DataError(UserError, RuntimeError):
     """The dataset on disk (or the selection asked of it) cannot be used as it is."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from utils.errors import UserError
+
 # Number of label values of each dataset, background 0 included (255 is "ignore").
 NUM_CLASSES = {"voc": 21, "shapes": 21, "ade": 151}
 
@@ -83,7 +85,7 @@ VOC_TRAIN_IMAGES = {
 }
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A dataset/task/step combination that does not exist."""
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dataset.presence import IGNORE_LABEL as IGNORE_INDEX  # the label every loss skips
-from utils.errors import ConfigError
+from utils.errors import ConfigError, UserError
 
 
 @dataclass
@@ -53,7 +53,7 @@ class StepContext:
             self.previous_model = self.teacher
 
 
-class MethodStateError(RuntimeError):
+class MethodStateError(UserError, RuntimeError):
     """A method needs state from the previous step's checkpoint and it is not there."""
 
 

@@ -131,14 +131,14 @@ def prediction_grid(images, labels, predictions, path, palette: Sequence[int]) -
 def main(argv=None) -> None:
     from utils.cli import ToolParser
 
-    from metrics.report import load_results
+    from metrics.report import RESULT_FIELDS, load_results
 
     p = ToolParser(prog="python -m metrics.plots",
                    description="mIoU-per-step and per-class IoU figures of results.jsonl files.")
     p.add_argument("results", nargs="+", help="results.jsonl files (run.py writes one per run)")
     p.add_argument("--out", required=True, help="folder for miou_per_step.png and class_iou.png")
     args = p.parse_args(argv)
-    rows = load_results(args.results)
+    rows = load_results(args.results, RESULT_FIELDS + ("class_iou",))
     if not rows:
         p.error("the results files hold no rows")
     out = Path(args.out)
@@ -155,4 +155,6 @@ def _channel_names(tasks: set[tuple[str, str]]) -> Sequence[str] | None:
 
 
 if __name__ == "__main__":
-    main()
+    from utils.cli import script_main
+
+    script_main(main)

@@ -95,13 +95,39 @@ def record_result(path, result: dict) -> None:
 
 
 # --- aggregation over runs (python -m metrics.report RESULTS.jsonl ...) ------------------------------
-def load_results(paths) -> list[dict]:
+# What every reader of a results line needs (run.py writes these and more).
+RESULT_FIELDS = ("dataset", "task", "overlap", "method", "name", "step", "miou_old", "miou_new", "miou_all", "hiou")
+
+
+def load_results(paths, fields: Sequence[str] = RESULT_FIELDS) -> list[dict]:
+    """Every line of run.py's results files; a file that cannot be read, or a line that is not a
+    JSON object with ``fields``, is a one-line UserError naming the file and the line."""
     import json
+
+    from utils.errors import UserError
 
     rows = []
     for path in paths:
-        with open(path) as f:
-            rows += [json.loads(line) for line in f if line.strip()]
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else "not text"
+            raise UserError(f"cannot read results file {path} ({reason}); give the results.jsonl files run.py "
+                            "wrote (<run dir>/results.jsonl or its --results_file)") from None
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            missing = [k for k in fields if k not in row] if isinstance(row, dict) else None
+            if missing is None or missing:
+                what = "is not a JSON object" if missing is None else f"lacks {', '.join(missing)}"
+                raise UserError(f"{path} line {number} {what}: not a line of run.py's results; remove it or give "
+                                "the results.jsonl files run.py wrote")
+            rows.append(row)
     return rows
 
 
@@ -155,4 +181,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from utils.cli import script_main
+
+    script_main(main)

@@ -26,14 +26,13 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import run  # noqa: E402
 from argparser import parse_args  # noqa: E402
 from dataset.tasks import Task  # noqa: E402
 from methods.base import StepContext  # noqa: E402
 from segmentation_module import make_model  # noqa: E402
 from train import Precision, Trainer, evaluate, move_batch  # noqa: E402
 from utils.malloc import keep_freed_memory  # noqa: E402
-from utils.cli import ToolParser  # noqa: E402
+from utils.cli import ToolParser, script_main  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -329,4 +328,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run.script_main(main)
+    script_main(main)

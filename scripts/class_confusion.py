@@ -34,7 +34,7 @@ from dataset.tasks import Task  # noqa: E402
 from train import evaluate  # noqa: E402
 from utils.distributed import DistInfo, resolve_device  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
-from utils.cli import ToolParser  # noqa: E402
+from utils.cli import ToolParser, script_main  # noqa: E402
 
 SHOWN = 5  # classes listed per line
 
@@ -153,4 +153,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run.script_main(main)
+    script_main(main)

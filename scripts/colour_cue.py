@@ -31,7 +31,7 @@ import run  # noqa: E402  (its user errors)
 from argparser import parse_args  # noqa: E402
 from dataset import shapes  # noqa: E402
 from utils import checkpoint  # noqa: E402
-from utils.cli import ToolParser  # noqa: E402
+from utils.cli import ToolParser, script_main  # noqa: E402
 
 BINS = 4
 
@@ -113,4 +113,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run.script_main(main)
+    script_main(main)

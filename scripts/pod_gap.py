@@ -55,7 +55,7 @@ from utils.distributed import DistInfo, resolve_device  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
 from utils.modes import eval_mode  # noqa: E402
 from utils.seeding import seed_everything  # noqa: E402
-from utils.cli import ToolParser  # noqa: E402
+from utils.cli import ToolParser, script_main  # noqa: E402
 
 LAYERS = ["stage 1", "stage 2", "stage 3", "stage 4", "head"]
 
@@ -239,4 +239,4 @@ def cell(value: float) -> str:
 
 
 if __name__ == "__main__":
-    run.script_main(main)
+    script_main(main)

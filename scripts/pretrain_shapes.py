@@ -42,10 +42,9 @@ from metrics.confusion import ConfusionMatrix  # noqa: E402
 from models.resnet import ResidualBlock, build_backbone  # noqa: E402
 from modules.norm import make_norm_act  # noqa: E402
 from modules.norm_drift import variance_ratios  # noqa: E402
-import run  # noqa: E402  (its user errors)
 from segmentation_module import shapes_pretrained_file  # noqa: E402
 from utils.checkpoint import require_writable, save_atomic  # noqa: E402
-from utils.cli import ToolParser  # noqa: E402
+from utils.cli import ToolParser, script_main  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
 
 
@@ -198,4 +197,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    run.script_main(main)
+    script_main(main)

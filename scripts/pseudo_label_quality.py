@@ -34,7 +34,7 @@ from methods.base import IGNORE_INDEX  # noqa: E402
 from methods.pseudo import entropy_thresholds, pseudo_label  # noqa: E402
 from utils.distributed import DistInfo, resolve_device  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
-from utils.cli import ToolParser  # noqa: E402
+from utils.cli import ToolParser, script_main  # noqa: E402
 
 OUTCOMES = {"old": ("its class", "another old class", "background", "ignored"),
             "background": ("background", "an old class", "ignored")}
@@ -128,4 +128,4 @@ def shares(counts: torch.Tensor, names) -> str:
 
 
 if __name__ == "__main__":
-    run.script_main(main)
+    script_main(main)

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import run  # noqa: E402  (its user errors)
 from argparser import parse_args  # noqa: E402
 from dataset import build_datasets  # noqa: E402
 from dataset.tasks import Task  # noqa: E402
 from metrics.confusion import ConfusionMatrix  # noqa: E402
+from utils.cli import script_main  # noqa: E402
 
 
 def round_trip(label: torch.Tensor, num_classes: int, stride: int) -> torch.Tensor:
@@ -55,4 +55,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run.script_main(main)
+    script_main(main)

@@ -48,7 +48,8 @@ if name in ("SDR", "PLOP-seed42"):
     print("error: the loss became NaN at step 1; lower --lr"); sys.exit(2)
 with open(results, "a") as f:
     for step in map(int, steps):
-        f.write(json.dumps({"dataset": "shapes", "task": "15-1", "overlap": True, "name": name, "step": step,
+        f.write(json.dumps({"dataset": "shapes", "task": "15-1", "overlap": True, "method": method, "name": name,
+                            "step": step,
                             "miou_all": 0.4, "miou_old": 0.5, "miou_new": 0.1, "hiou": 0.2,
                             "class_iou": [0.5] * (16 + step)}) + "\\n")
 """
@@ -224,7 +225,8 @@ if name == "PLOP-seed1" and draw == 1:
 base = {"FT": 0.05, "MiB": 0.30, "PLOP": 0.50}[name.split("-")[0]]
 with open(results, "a") as f:
     for step in map(int, steps):
-        f.write(json.dumps({"dataset": "shapes", "task": "15-1", "overlap": True, "name": name, "step": step,
+        f.write(json.dumps({"dataset": "shapes", "task": "15-1", "overlap": True, "method": name.split("-")[0],
+                            "name": name, "step": step,
                             "miou_all": base + 0.1 * draw + 0.01 * name.endswith("seed1"), "miou_old": 0.5,
                             "miou_new": 0.1, "hiou": 0.2, "class_iou": [0.5] * (16 + step)}) + "\\n")
 """
@@ -338,8 +340,8 @@ base = {"MiB": 0.30, "PLOP": 0.40, "SDR": 0.50, "REMINDER": 0.60, "FT": 0.05}[na
 with open(results, "a") as f:
     for step in map(int, steps):
         for protocol, value in ((overlap, base), (not overlap, 0.99)):  # the other protocol's line is a decoy
-            f.write(json.dumps({"dataset": "shapes", "task": "15-1", "overlap": protocol, "name": name,
-                                "step": step, "miou_all": value, "miou_old": 0.5, "miou_new": 0.1, "hiou": 0.2,
+            f.write(json.dumps({"dataset": "shapes", "task": "15-1", "overlap": protocol, "method": name.split("-")[0],
+                                "name": name, "step": step, "miou_all": value, "miou_old": 0.5, "miou_new": 0.1, "hiou": 0.2,
                                 "class_iou": [0.5] * (16 + step)}) + "\\n")
 """
 

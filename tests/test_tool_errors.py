@@ -6,7 +6,7 @@ import pytest
 
 import metrics.plots
 import metrics.report
-import run
+from utils.cli import script_main
 
 from scripts_loader import load_script
 
@@ -37,7 +37,7 @@ CASES = [
 def _expect_one_line_exit_2(main, argv, fragment, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the tools' default output folders are relative: nothing may appear
     with pytest.raises(SystemExit) as exit_:
-        run.script_main(lambda: main(argv))  # as each tool's __main__ runs it (a user error: one line)
+        script_main(lambda: main(argv))  # as each tool's __main__ runs it (a user error: one line)
     assert exit_.value.code == 2
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
@@ -58,3 +58,53 @@ def test_a_bad_command_line_is_one_line(tool, argv, fragment, capsys, tmp_path, 
 def test_the_metrics_tools_name_how_they_are_run(module, prog, capsys, tmp_path, monkeypatch):
     _expect_one_line_exit_2(module.main, [], f"{prog}: error: the following arguments are required: results",
                             capsys, tmp_path, monkeypatch)
+
+
+GOOD_LINE = ('{"dataset": "shapes", "task": "15-1", "overlap": true, "method": "FT", "name": "FT", "step": 0, '
+             '"miou_old": 0.7, "miou_new": null, "miou_all": 0.7, "hiou": null, "class_iou": [0.9, 0.5]}\n')
+BAD_RESULTS = [
+    (None, "cannot read results file {path} (No such file or directory)"),
+    ("dir", "cannot read results file {path} (Is a directory)"),
+    (b"\xff\xfe\x00binary", "cannot read results file {path} (not text)"),
+    ("not json\n", "{path} line 1 is not a JSON object"),
+    (GOOD_LINE + "\n[1, 2]\n", "{path} line 3 is not a JSON object"),  # blank lines are skipped, still counted
+    ('{"dataset": "shapes", "step": 0}\n', "{path} line 1 lacks task, overlap, method, name, miou_old"),
+]
+
+
+@pytest.mark.parametrize("module", [metrics.report, metrics.plots], ids=["report", "plots"])
+@pytest.mark.parametrize("content,fragment", BAD_RESULTS, ids=["missing", "folder", "binary", "text", "array",
+                                                               "foreign"])
+def test_a_bad_results_file_is_one_line(module, content, fragment, capsys, tmp_path_factory, tmp_path, monkeypatch):
+    path = tmp_path_factory.mktemp("results") / "results.jsonl"
+    if content == "dir":
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    argv = [str(path)] + (["--out", "figures"] if module is metrics.plots else [])
+    _expect_one_line_exit_2(module.main, argv, fragment.format(path=path), capsys, tmp_path, monkeypatch)
+
+
+def test_the_plots_need_each_lines_class_iou(capsys, tmp_path_factory, tmp_path, monkeypatch):
+    path = tmp_path_factory.mktemp("results") / "results.jsonl"
+    path.write_text(GOOD_LINE.replace(', "class_iou": [0.9, 0.5]', ""))
+    metrics.report.main([str(path)])  # the table does not read it
+    assert "| shapes 15-1 ov (step 0) | FT | FT | 70.00 |" in capsys.readouterr().out
+    _expect_one_line_exit_2(metrics.plots.main, [str(path), "--out", "figures"], f"{path} line 1 lacks class_iou",
+                            capsys, tmp_path, monkeypatch)
+
+
+def test_python_m_metrics_report_ends_a_bad_file_with_one_line(tmp_path):
+    """The module's own entry point (``python -m``) goes through script_main too."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "r.jsonl").write_text("not json\n")
+    proc = subprocess.run([sys.executable, "-m", "metrics.report", str(tmp_path / "r.jsonl")], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (f"error: {tmp_path / 'r.jsonl'} line 1 is not a JSON object: not a line of "
+                                   "run.py's results; remove it or give the results.jsonl files run.py wrote")
