@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset.incremental import DEFAULT_SHAPES_VERSION, SHAPES_GENERATORS, shapes_generator  # noqa: E402
 from dataset.voc import voc_palette  # noqa: E402
-from utils.cli import ToolParser  # noqa: E402
+from utils.cli import ToolParser, script_main  # noqa: E402
 
 JPEG_QUALITY = 95
 
@@ -76,4 +76,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    script_main(main)

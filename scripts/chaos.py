@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from argparser import parse_args  # noqa: E402
 from utils.checkpoint import KILL_IN_SAVE_ENV  # noqa: E402
-from utils.cli import ToolParser  # noqa: E402
+from utils.cli import ToolParser, script_main  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
 
 FLAGS = ["--dataset", "shapes", "--task", "15-5", "--overlap", "--name", "chaos", "--step", "0", "1",
@@ -201,4 +201,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    script_main(main)

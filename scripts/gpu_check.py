@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from dataset.tasks import VOC_TRAIN_IMAGES  # noqa: E402
 from utils.malloc import keep_freed_memory  # noqa: E402
-from utils.cli import ToolParser  # noqa: E402
+from utils.cli import ToolParser, script_main  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "scripts" / "bench_speed.py")
 bench = importlib.util.module_from_spec(_spec)
@@ -302,4 +302,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    script_main(main)

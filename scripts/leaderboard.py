@@ -56,7 +56,7 @@ from metrics.ranking import (DISJOINT, OVERLAPPED, RANKED, Protocol, canonical, 
                              pooled_markdown, ranking_spread, seed_name, summarise)
 from metrics.report import load_results, write_csv  # noqa: E402
 from utils.distributed import available_cpus  # noqa: E402
-from utils.cli import ToolParser  # noqa: E402
+from utils.cli import ToolParser, script_main  # noqa: E402
 
 METHODS = ["FT", "LwF", "LwF-MC", "ILT", "EWC", "RW", "PI", "MiB", "PLOP", "SDR", "REMINDER", "LGKD", "LSKD",
            "DKD", "DKD-M"]
@@ -402,4 +402,4 @@ def one_table(chosen: list[str], seeds_of: dict[str, list[int]], args, task: str
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

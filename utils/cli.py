@@ -31,9 +31,11 @@ def one_line(exc: Exception) -> str:
 
 
 def script_main(main) -> None:
-    """Run a tool's ``main`` as run.py runs its own: a user error is one line and exit code 2."""
+    """Run a tool's ``main`` as run.py runs its own and exit: with its return value (None: 0), or
+    with one line and exit code 2 on a user error."""
     try:
-        main()
+        code = main()
     except UserError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    sys.exit(code)
