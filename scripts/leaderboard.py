@@ -1,4 +1,4 @@
-"""Run methods on the synthetic 15-1 benchmark and print the table beside VOC's.
+"""Run methods on the synthetic 15-1 (or 15-5) benchmark and print the table beside VOC's.
 
     python scripts/leaderboard.py                        # every method; the ranked nine over 3 seeds
     python scripts/leaderboard.py --methods FT MiB PLOP --seeds 42
@@ -8,17 +8,18 @@
     python scripts/leaderboard.py --task 15-1_b          # on one of PLOP's random class orders of 15-1
     python scripts/leaderboard.py --task 15-1_b 15-1_c   # on each of them, then over them
     python scripts/leaderboard.py --disjoint             # the disjoint protocol, beside VOC's disjoint rows
+    python scripts/leaderboard.py --task 15-5            # one step of five classes, beside VOC's 15-5 rows
 
 Each method runs through ``run.py`` exactly as a user would, with the demo's flags
 (``scripts/demo_flags.txt``).  Step 0 runs once per recipe: methods whose step 0 is plain
 cross-entropy training (their extra terms act at step > 0 only) start from FT's step-0
 checkpoint, the others train their own (LwF-MC's BCE, EWC/RW/PI statistics, SDR's step-0 terms,
-REMINDER's prototypes, DKD's sigmoid head).  Steps 1-5 then run once per seed (``--random_seed``)
-from that checkpoint.  The table gives mean ± sd over seeds, the published VOC 15-1 numbers of
-each method under the same protocol (overlapped, or disjoint with ``--disjoint``: an increment's
-images hold no future class), and the Spearman rank correlation of the all-class mIoU between the
-two.
-A ``--variant`` row runs its method with more flags at steps 1-5, from that method's step-0 run
+REMINDER's prototypes, DKD's sigmoid head).  The later steps (1-5 of 15-1, 1 of 15-5) then run
+once per seed (``--random_seed``) from that checkpoint.  The table gives mean ± sd over seeds, the
+published VOC numbers of each method on the same task and protocol (overlapped, or disjoint with
+``--disjoint``: an increment's images hold no future class), and the Spearman rank correlation of
+the all-class mIoU between the two.
+A ``--variant`` row runs its method with more flags at the later steps, from that method's step-0 run
 (an ablation, or a fix behind a flag, beside the preset), or from another's with ``--step0 OTHER``
 among its flags (``--variant "LwF-MC-FT0=LwF-MC --step0 FT"``).  Runs go ``--jobs`` at a time (a
 seed as soon as its step-0 run is done), each with its share of the CPUs, its log in
@@ -49,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from argparser import HELP_HINT, parse_args, run_dir as run_folder  # noqa: E402
-from dataset.tasks import TaskError, canonical_task, layout  # noqa: E402
+from dataset.tasks import Task, TaskError, canonical_task, layout  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
 from metrics.plots import plot_class_iou_heatmap, plot_miou_per_step  # noqa: E402
 from metrics.ranking import (DISJOINT, OVERLAPPED, RANKED, Protocol, canonical, markdown,  # noqa: E402
@@ -283,13 +284,14 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=None,
                    help="any registered method (run.py --method); default: all of them, or none with --variant")
     p.add_argument("--variant", action="append", type=parse_variant, default=[], metavar='"NAME=METHOD FLAG ..."',
-                   help="a row running METHOD with more flags at steps 1-5 from METHOD's step-0 run (or, with "
+                   help="a row running METHOD with more flags after step 0 from METHOD's step-0 run (or, with "
                         "--step0 OTHER among the flags, OTHER's), over every seed (repeatable), e.g. "
                         "--variant \"PLOP+UNKD=PLOP --unkd --loss_kd 10\"")
     p.add_argument("--seeds", nargs="+", type=int, default=SEEDS,
-                   help="seeds of steps 1-5 for the ranked and any non-standard method; the others run the first")
-    p.add_argument("--last_step", type=int, choices=range(1, 6), default=5,
-                   help="stop after this step (a quick look at a new method); the table reads its scores")
+                   help="seeds of the steps after step 0 for the ranked and any non-standard method; the others run the first")
+    p.add_argument("--last_step", type=int, default=None,
+                   help="stop after this step (a quick look at a new method); the table reads its scores "
+                        "(default: the task's last, 5 on 15-1, 1 on 15-5)")
     p.add_argument("--flags", type=Path, default=DEMO_FLAGS,
                    help="file of the settings shared by every method (default: the demo's)")
     p.add_argument("--jobs", type=int, default=min(2, available_cpus()),
@@ -301,9 +303,9 @@ def main(argv=None):
                         "its files under OUT/draw-D, then one over them (mean ± sd of the draws' means); "
                         "default: the one draw of --flags")
     p.add_argument("--task", nargs="+", default=["15-1"],
-                   help="15-1, or PLOP's random class orders of it (15-1_b ... 15-1_w, alias 15-5s_b ...); the "
-                        "table sets every order beside VOC's 15-1 rows; with several, the table on each (its "
-                        "files under OUT/TASK), then one over them, as with --draws")
+                   help="15-1, or PLOP's random class orders of it (15-1_b ... 15-1_w, alias 15-5s_b ...), "
+                        "beside VOC's 15-1 rows; or 15-5, beside VOC's 15-5 rows; with several orders, the "
+                        "table on each (its files under OUT/TASK), then one over them, as with --draws")
     p.add_argument("--disjoint", action="store_true",
                    help="the disjoint protocol (an increment's images hold no future class), beside VOC's "
                         "disjoint rows; its runs in the -dj folders of LOGDIR (default: overlapped)")
@@ -332,9 +334,14 @@ def main(argv=None):
         tasks = list(dict.fromkeys(canonical_task("shapes", t) for t in args.task))
     except TaskError as exc:
         p.error(str(exc))
-    for task in tasks:
-        if layout(task) != "15-1":
-            p.error(f"--task {task}: the leaderboard runs 15-1 or one of its class orders (15-1_b ... 15-1_w)")
+    layouts = {layout(task) for task in tasks}
+    if not layouts <= {"15-1", "15-5"} or len(layouts) > 1:
+        p.error(f"--task {' '.join(tasks)}: the leaderboard runs 15-1 or its class orders (15-1_b ... 15-1_w), "
+                "or 15-5, one of the two per table")
+    last = Task("shapes", tasks[0], 0).num_steps - 1
+    args.last_step = last if args.last_step is None else args.last_step
+    if not 1 <= args.last_step <= last:
+        p.error(f"--last_step {args.last_step}: {tasks[0]} has steps 1 to {last} after step 0")
     out, logdir, flags = Path(args.out), Path(args.logdir), demo_flags(args.flags)
     runs = ([(m, ()) for m in chosen] + [(v.method, v.flags) for v in args.variant]
             + [(step0_recipe(m), ()) for m in chosen] + [(v.recipe, ()) for v in args.variant])
@@ -345,7 +352,7 @@ def main(argv=None):
             given = f"--flags {args.flags}" + (f" and {' '.join(args.extra)}" if args.extra else "")
             p.error(f"{method}'s runs refuse {given}: {str(exc).removesuffix(HELP_HINT)} (these flags go to "
                     "every run; give one method's own flags with --variant)")
-    args.protocol = DISJOINT if args.disjoint else OVERLAPPED
+    args.protocol = (DISJOINT if args.disjoint else OVERLAPPED).on(layouts.pop())
     own = parse_args(["--dataset", "shapes", *flags]).shapes_seed  # the draw the plain table runs on
     draws = args.draws or [own]
     start = time.perf_counter()
@@ -392,7 +399,8 @@ def one_table(chosen: list[str], seeds_of: dict[str, list[int]], args, task: str
     text = markdown(table, ranking_spread(rows, seeds_of, recipes, args.protocol), args.protocol)
     text += "".join(f"\n{m}: did not finish (left out)" for m in failed)
     (out / "table.md").write_text(text + "\n")
-    write_csv(table, out / "table.csv")
+    if table:
+        write_csv(table, out / "table.csv")
     print(text)
     per_row = {}
     for j in jobs:

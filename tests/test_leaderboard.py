@@ -297,8 +297,39 @@ def test_task_runs_one_of_plops_class_orders(tmp_path, monkeypatch, capsys):
     assert all(extra[extra.index("--step_ckpt") + 1] == step0 for name, _, extra in calls if name != "FT")
     assert "| MiB | 1 |" in (tmp_path / "out" / "table.md").read_text()
     with pytest.raises(SystemExit):
-        lb.main(["--task", "15-5", "--logdir", str(logdir), "--out", str(tmp_path / "out")])
-    assert "the leaderboard runs 15-1 or one of its class orders" in capsys.readouterr().err
+        lb.main(["--task", "10-1", "--logdir", str(logdir), "--out", str(tmp_path / "out")])
+    assert "the leaderboard runs 15-1 or its class orders (15-1_b ... 15-1_w), or 15-5" in capsys.readouterr().err
+
+
+def test_15_5_runs_its_one_step_beside_vocs_15_5_rows(tmp_path, monkeypatch, capsys):
+    """--task 15-5: each seed runs step 1 only, from the 15-5 folder's step 0, and the table sets
+    the published 15-5 rows beside it; more steps, or 15-1 and 15-5 in one table, are refused."""
+    lb = _leaderboard()
+    logdir, calls = tmp_path / "runs", []
+
+    def fake(job, logdir, results, extra, base):
+        calls.append((job.name, base[base.index("--task") + 1], job.steps, job.extra))
+        fake_run = _FAKE_DRAW_RUN.replace('"task": "15-1"', '"task": "15-5"')
+        return [sys.executable, "-c", fake_run, str(results), job.name, "0", *job.steps]
+
+    monkeypatch.setattr(lb, "command", fake)
+    out = tmp_path / "out"
+    lb.main(["--methods", "FT", "MiB", "PLOP", "--seeds", "42", "1", "--task", "15-5", "--logdir", str(logdir),
+             "--out", str(out)])
+    assert {task for _, task, _, _ in calls} == {"15-5"} and len(calls) == 7  # FT's step 0, then 3 x 2 seeds
+    assert all(steps == ["1"] for name, _, steps, _ in calls if name != "FT")
+    step0 = str(logdir / "shapes" / "15-5-ov" / "FT" / "step-0.pth")
+    assert all(extra[extra.index("--step_ckpt") + 1] == step0 for name, _, _, extra in calls if name != "FT")
+    text = (out / "table.md").read_text()
+    assert "| VOC 15-5 old / new / all |" in text
+    assert "| 75.5 / 49.4 / 69.0 |" in text and "| 75.7 / 51.7 / 70.1 |" in text and "| 2.1 / 33.1 / 9.8 |" in text
+    # all-mIoU FT 5.5 < MiB 30.5 < PLOP 50.5 (+1 for seed 1), as VOC 15-5's 9.8 < 69.0 < 70.1
+    assert "over 3 methods (FT, MiB, PLOP): 1.00" in text
+    for argv, message in ((["--last_step", "2"], "--last_step 2: 15-5 has steps 1 to 1 after step 0"),
+                          (["--task", "15-1", "15-5"], "one of the two per table")):
+        with pytest.raises(SystemExit):
+            lb.main(["--task", "15-5", *argv, "--logdir", str(logdir), "--out", str(out)])
+        assert message in capsys.readouterr().err
 
 
 def test_several_orders_run_one_table_each_and_pool_their_means(tmp_path, monkeypatch, capsys):
