@@ -216,9 +216,10 @@ def results_file(opts) -> Path:
 
 def run(opts, info: DistInfo) -> list[dict]:
     directory = run_dir(opts)
-    if info.is_main and opts.results_file:  # before any training, not when the first step is tested
-        checkpoint.require_writable(opts.results_file, "--results_file")
-    if info.is_main:  # what a write killed half-way left behind (utils/checkpoint.py)
+    if info.is_main:
+        if opts.results_file:  # before any training, not when the first step is tested
+            checkpoint.require_writable(opts.results_file, "--results_file")
+        # what a write killed half-way left behind (utils/checkpoint.py)
         checkpoint.remove_stale_temp_files(directory)
         checkpoint.remove_stale_temp_files(results_file(opts).parent, results_file(opts).name + ".*.tmp")
     logger = Logger(directory, info.is_main)

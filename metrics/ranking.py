@@ -100,10 +100,9 @@ PUBLISHED_15_5_DISJOINT = {
     "DKD": (77.6, 55.0, 72.21, DKD_README),
     "DKD-M": (77.7, 55.9, 72.53, DKD_README),
 }
-PUBLISHED = {canonical(m): v for m, v in PUBLISHED.items()}
-PUBLISHED_DISJOINT = {canonical(m): v for m, v in PUBLISHED_DISJOINT.items()}
-PUBLISHED_15_5 = {canonical(m): v for m, v in PUBLISHED_15_5.items()}
-PUBLISHED_15_5_DISJOINT = {canonical(m): v for m, v in PUBLISHED_15_5_DISJOINT.items()}
+PUBLISHED, PUBLISHED_DISJOINT, PUBLISHED_15_5, PUBLISHED_15_5_DISJOINT = (
+    {canonical(m): row for m, row in rows.items()}
+    for rows in (PUBLISHED, PUBLISHED_DISJOINT, PUBLISHED_15_5, PUBLISHED_15_5_DISJOINT))
 
 
 @dataclass(frozen=True)

@@ -122,9 +122,9 @@ def load_results(paths, fields: Sequence[str] = RESULT_FIELDS) -> list[dict]:
                 row = json.loads(line)
             except ValueError:
                 row = None
-            missing = [k for k in fields if k not in row] if isinstance(row, dict) else None
-            if missing is None or missing:
-                what = "is not a JSON object" if missing is None else f"lacks {', '.join(missing)}"
+            missing = [k for k in fields if k not in row] if isinstance(row, dict) else []
+            if not isinstance(row, dict) or missing:
+                what = f"lacks {', '.join(missing)}" if missing else "is not a JSON object"
                 raise UserError(f"{path} line {number} {what}: not a line of run.py's results; remove it or give "
                                 "the results.jsonl files run.py wrote")
             rows.append(row)
