@@ -231,7 +231,8 @@ def with_memory(opts, task: Task, teacher: nn.Module, run_dir: Path, train: Incr
         prev = build_datasets(opts, task.at(task.step - 1))[0]
         prev = IncrementalSegmentation(prev.source, prev.indices, eval_transform(opts.crop_size, True), prev.lut,
                                        prev.presence)
-        presence = candidate_presence(teacher, prev, device, opts.val_batch_size)
+        # training's batch size, not an evaluation setting: the memory is part of the training
+        presence = candidate_presence(teacher, prev, device, opts.batch_size)
         previous = load_memory(memory_path(run_dir, task.step - 1)) if task.step > 1 else None
         seed = opts.random_seed + task.step
         indices, rows = build_memory((prev.indices, presence), previous,

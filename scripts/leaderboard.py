@@ -9,6 +9,7 @@
     python scripts/leaderboard.py --task 15-1_b 15-1_c   # on each of them, then over them
     python scripts/leaderboard.py --disjoint             # the disjoint protocol, beside VOC's disjoint rows
     python scripts/leaderboard.py --task 15-5            # one step of five classes, beside VOC's 15-5 rows
+    python scripts/leaderboard.py --joint                # and the joint-training bound (all classes at once)
 
 Each method runs through ``run.py`` exactly as a user would, with the demo's flags
 (``scripts/demo_flags.txt``).  Step 0 runs once per recipe: methods whose step 0 is plain
@@ -29,6 +30,9 @@ draws of the synthetic images (``--shapes_seed``), each in its own folders (the 
 in the plain table's LOGDIR, so its runs are reused), and pools them: the
 seeds measure the training's noise, the draws the data's, which moves PLOP - MiB far more.
 Several ``--task`` orders are pooled the same way (each order's files under ``OUT/TASK``).
+``--joint`` adds the row every paper's table ends with: FT trained once on all classes with step
+0's schedule (``--task offline``, one run per seed and draw, shared by every table), scored with
+the table's split into old and new classes, beside VOC's *Joint*; it is never ranked.
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ from argparser import HELP_HINT, parse_args, run_dir as run_folder  # noqa: E402
 from dataset.tasks import Task, TaskError, canonical_task, layout  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
 from metrics.plots import plot_class_iou_heatmap, plot_miou_per_step  # noqa: E402
-from metrics.ranking import (DISJOINT, OVERLAPPED, RANKED, Protocol, canonical, markdown,  # noqa: E402
+from metrics.ranking import (DISJOINT, JOINT, OVERLAPPED, RANKED, Protocol, canonical, markdown,  # noqa: E402
                              pooled_markdown, ranking_spread, seed_name, summarise)
 from metrics.report import load_results, write_csv  # noqa: E402
 from utils.distributed import available_cpus  # noqa: E402
@@ -185,11 +189,21 @@ def table_rows(chosen: list[str], variants: Sequence[Variant] = ()) -> dict[str,
     return {m: Variant(m, m, ()) for m in chosen} | {v.name: v for v in variants}
 
 
+def joint_jobs(seeds: Sequence[int]) -> list[Job]:
+    """The joint bound's runs: FT on every class at step 0's schedule, one per seed.  Overlapped
+    whatever the table's protocol (with no future class the two select the same images), so one
+    run folder per draw serves every table."""
+    return [Job("FT", seed_name(JOINT, seed), ["0"], ["--task", "offline", "--overlap", "--random_seed", str(seed)],
+                row=JOINT) for seed in seeds]
+
+
 def plan(chosen: list[str], seeds_of: dict[str, list[int]], logdir: Path, last_step: int = 5,
          variants: Sequence[Variant] = (), task: str = "15-1", protocol: Protocol = OVERLAPPED) -> list[Job]:
-    """Every run of the table: one step-0 run per recipe, then each row's seeds from it."""
+    """Every run of the table: one step-0 run per recipe, then each row's seeds from it (and the
+    joint bound's runs, when ``seeds_of`` has a ``JOINT`` row)."""
     rows = table_rows(chosen, variants)
-    jobs = [Job(recipe, recipe, ["0"]) for recipe in dict.fromkeys(v.recipe for v in rows.values())]
+    jobs = joint_jobs(seeds_of.get(JOINT, []))
+    jobs += [Job(recipe, recipe, ["0"]) for recipe in dict.fromkeys(v.recipe for v in rows.values())]
     for row, v in rows.items():
         step0 = run_dir(logdir, v.recipe, task, protocol) / "step-0.pth"
         jobs += [Job(v.method, seed_name(row, seed), [str(s) for s in range(1, last_step + 1)],
@@ -306,6 +320,9 @@ def main(argv=None):
                    help="15-1, or PLOP's random class orders of it (15-1_b ... 15-1_w, alias 15-5s_b ...), "
                         "beside VOC's 15-1 rows; or 15-5, beside VOC's 15-5 rows; with several orders, the "
                         "table on each (its files under OUT/TASK), then one over them, as with --draws")
+    p.add_argument("--joint", action="store_true",
+                   help="add the joint-training bound: FT on every class at once with step 0's schedule "
+                        "(--task offline), over the seeds, beside VOC's Joint row; never ranked")
     p.add_argument("--disjoint", action="store_true",
                    help="the disjoint protocol (an increment's images hold no future class), beside VOC's "
                         "disjoint rows; its runs in the -dj folders of LOGDIR (default: overlapped)")
@@ -326,10 +343,11 @@ def main(argv=None):
     except KeyError as exc:
         p.error(exc.args[0])
     for variant in args.variant:
-        if is_method(variant.name):
-            p.error(f"variant name {variant.name} is a method's name; give the variant another one")
+        if is_method(variant.name) or variant.name == JOINT:
+            p.error(f"variant name {variant.name} is a method's name or {JOINT}'s; give the variant another one")
     seeds_of = {m: (args.seeds if m in RANKED or m not in METHODS else args.seeds[:1]) for m in chosen}
     seeds_of |= {v.name: args.seeds for v in args.variant}
+    seeds_of |= {JOINT: args.seeds} if args.joint else {}
     try:
         tasks = list(dict.fromkeys(canonical_task("shapes", t) for t in args.task))
     except TaskError as exc:
@@ -344,7 +362,8 @@ def main(argv=None):
         p.error(f"--last_step {args.last_step}: {tasks[0]} has steps 1 to {last} after step 0")
     out, logdir, flags = Path(args.out), Path(args.logdir), demo_flags(args.flags)
     runs = ([(m, ()) for m in chosen] + [(v.method, v.flags) for v in args.variant]
-            + [(step0_recipe(m), ()) for m in chosen] + [(v.recipe, ()) for v in args.variant])
+            + [(step0_recipe(m), ()) for m in chosen] + [(v.recipe, ()) for v in args.variant]
+            + [(job.method, ()) for job in joint_jobs(seeds_of.get(JOINT, [])[:1])])
     for method, row_flags in dict.fromkeys(runs):  # every run gets the extra flags: one refusal stops all now
         try:
             parse_args(["--dataset", "shapes", "--method", method, *flags, *row_flags, *args.extra])
@@ -391,11 +410,12 @@ def one_table(chosen: list[str], seeds_of: dict[str, list[int]], args, task: str
     files = [out / "results" / f"{j.name}.jsonl" for j in jobs]
     rows = load_results([f for f in files if f.is_file()])
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    first = [r for m in seeds_of for r in rows if r["name"] == seed_name(m, seeds_of[m][0])]
+    # the joint bound's one step is left out of the plots (its class IoU is by id, on another task)
+    first = [r for m in seeds_of if m != JOINT for r in rows if r["name"] == seed_name(m, seeds_of[m][0])]
     plot_miou_per_step(first, out / "miou_per_step.png")
     plot_class_iou_heatmap(first, out / "class_iou.png")
     recipes = {name: row.recipe for name, row in table_rows(chosen, args.variant).items()}
-    table = summarise(rows, seeds_of, recipes, args.protocol)
+    table = summarise(rows, seeds_of, recipes, args.protocol, task)
     text = markdown(table, ranking_spread(rows, seeds_of, recipes, args.protocol), args.protocol)
     text += "".join(f"\n{m}: did not finish (left out)" for m in failed)
     (out / "table.md").write_text(text + "\n")

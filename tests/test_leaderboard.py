@@ -410,3 +410,49 @@ def test_disjoint_runs_without_overlap_in_its_own_folders_beside_vocs_disjoint_r
              "--logdir", str(logdir), "--out", str(tmp_path / "out-ov")])
     assert all("--overlap" in base for _, base, _ in calls)
     assert f"with VOC over 3 methods ({names}): 0.50" in (tmp_path / "out-ov" / "table.md").read_text()
+
+
+_FAKE_JOINT_RUN = """
+import json, sys
+results, name, task, overlap, steps = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1", sys.argv[5:]
+with open(results, "a") as f:
+    for step in map(int, steps):
+        # the joint run: 0.8 IoU on ids 0-15, 0.5 (seed 42) or 0.3 (seed 1) on 16-20
+        iou = [0.8] * 16 + [0.5 if name.endswith("seed42") else 0.3] * 5 if name.startswith("Joint") else [0.5] * 17
+        f.write(json.dumps({"dataset": "shapes", "task": task, "overlap": overlap, "method": name.split("-")[0],
+                            "name": name, "step": step, "miou_all": 0.4, "miou_old": 0.5, "miou_new": 0.1,
+                            "hiou": 0.2, "class_iou": iou}) + "\\n")
+"""
+
+
+def test_joint_adds_the_bound_trained_on_every_class_once_per_seed(tmp_path, monkeypatch, capsys):
+    """--joint: FT on --task offline (overlapped whatever the table's protocol) once per seed, from
+    no step-0 run, scored with the table's old/new split beside VOC's Joint and kept out of rho; its
+    run folder is the same for 15-1 and 15-5 tables, so the second table reuses it."""
+    lb = _leaderboard()
+    logdir, calls = tmp_path / "runs", []
+
+    def fake(job, logdir, results, extra, base):
+        argv = base + job.extra  # as command() joins them: the job's --task comes last and wins
+        task = argv[len(argv) - 1 - argv[::-1].index("--task") + 1]
+        calls.append((job.name, task, job.steps, job.extra, "--overlap" in argv))
+        return [sys.executable, "-c", _FAKE_JOINT_RUN, str(results), job.name, task, str(int("--overlap" in argv)),
+                *job.steps]
+
+    monkeypatch.setattr(lb, "command", fake)
+    out = tmp_path / "out"
+    lb.main(["--methods", "MiB", "--seeds", "42", "1", "--last_step", "1", "--joint", "--disjoint",
+             "--logdir", str(logdir), "--out", str(out)])
+    joint = [c for c in calls if c[0].startswith("Joint")]
+    assert [c[0] for c in joint] == ["Joint-seed42", "Joint-seed1"]
+    assert all(task == "offline" and steps == ["0"] and overlap for _, task, steps, _, overlap in joint)
+    assert [extra[extra.index("--random_seed") + 1] for *_, extra, _ in joint] == ["42", "1"]
+    assert "--step_ckpt" not in joint[0][3]
+    text = (out / "table.md").read_text()
+    # old 80 on both seeds; new 50 and 30 -> 40 ± 14.14; VOC's Joint (MiB's Tab. 1) beside it
+    assert "| Joint | 2 | 80.00 ± 0.00 | 40.00 ± 14.14 |" in text and "| 79.1 / 72.6 / 77.4 |" in text
+    assert text.index("| MiB | 2 |") < text.index("| Joint | 2 |")  # the bound closes the table
+    # a variant may not take the row's name
+    with pytest.raises(SystemExit):
+        lb.main(["--variant", "Joint=MiB --loss_kd 100", "--logdir", str(logdir), "--out", str(out)])
+    assert "give the variant another one" in capsys.readouterr().err

@@ -70,3 +70,35 @@ def test_pooled_table_is_the_mean_and_sd_of_each_tables_means():
     text = ranking.pooled_markdown(tables)
     assert "| method | draws × seeds |" in text and "35.00 ± 7.07" in text
     assert f"{plop}: did not finish on draw 1 (left out)" in text
+
+
+def _joint_line(seed, class_iou):
+    return {"dataset": "shapes", "task": "offline", "overlap": True, "name": f"Joint-seed{seed}", "step": 0,
+            "miou_all": None, "miou_old": None, "miou_new": None, "hiou": None, "class_iou": class_iou}
+
+
+def test_joint_bound_is_scored_with_the_tables_split_of_the_classes():
+    """The joint run's IoU is by class id: on 15-1 old = ids 0-15, new = 16-20; an absent class
+    (null) is skipped; on PLOP's order b, old and new are that order's classes instead."""
+    iou = [0.9] * 16 + [0.6, 0.5, None, 0.3, 0.2]  # 16 old at 0.9; new 0.6, 0.5, (absent), 0.3, 0.2 -> 0.4
+    (row,) = ranking.summarise([_joint_line(42, iou), _joint_line(1, [0.7] * 16 + [0.4] * 5)],
+                               {ranking.JOINT: [42, 1]}, {}, task="15-1")
+    assert row["seeds"] == 2
+    assert row["miou_old"] == pytest.approx(80.0) and row["miou_old_sd"] == pytest.approx(0.2 / 2 ** 0.5 * 100)
+    assert row["miou_new"] == pytest.approx(40.0)
+    # all: seed 42's 20 present classes (16 x 0.9 + 1.6) / 20 = 0.8, seed 1's (16 x 0.7 + 2.0) / 21
+    assert row["miou_all"] == pytest.approx(100 * (0.8 + 13.2 / 21) / 2)
+    assert row["hiou"] == pytest.approx(100 * (2 * 0.9 * 0.4 / 1.3 + 2 * 0.7 * 0.4 / 1.1) / 2)
+    assert row["avg"] is None
+    assert (row["voc_old"], row["voc_new"], row["voc_all"]) == (79.1, 72.6, 77.4)
+    # order b learns 17, 3, 6, 18 and 10 after step 0: those are its new classes
+    ordered = [0.2 if c in (17, 3, 6, 18, 10) else 0.8 for c in range(21)]
+    (row,) = ranking.summarise([_joint_line(42, ordered)], {ranking.JOINT: [42]}, {}, task="15-1_b")
+    assert (row["miou_old"], row["miou_new"]) == (pytest.approx(80.0), pytest.approx(20.0))
+    # a reference row: in the table, never in the correlation
+    mib = ranking.canonical("MiB")
+    rows = [_row("FT", 0, 0.8, new=None, hiou=None), _row("FT-seed42", 1, 0.05), _row(f"{mib}-seed42", 1, 0.3),
+            _joint_line(42, iou)]
+    table = ranking.summarise(rows, {"FT": [42], mib: [42], ranking.JOINT: [42]}, {"FT": "FT", mib: "FT"})
+    assert ranking.ranking_correlation(table)[1] == ["FT", mib]
+    assert "| Joint | 1 | 90.00 | 40.00 | 80.00 |" in ranking.markdown(table)

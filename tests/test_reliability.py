@@ -196,6 +196,28 @@ def test_a_finished_step_is_reused_only_under_its_flags_and_teacher(tmp_path, ca
     assert run.main([*args, "--step", "1", "--test"]) == 0  # evaluating what is there stays allowed
 
 
+def test_evaluation_settings_change_no_weights_so_a_rerun_under_others_reuses_the_steps(tmp_path, capsys):
+    """The validation set's size, crops and batch size leave every weight as it was (measured here:
+    two runs differing in all three write equal tensors), so a rerun that changes them reuses
+    the finished steps and tests them anew, instead of asking for --overwrite and a retraining."""
+    base = [*TINY, "--epochs", "2", "--shapes_train_size", "96", "--shapes_val_size", "64",
+            "--cache_dir", str(tmp_path / "cache"), "--step", "0", "1"]
+    other_eval = ["--shapes_val_size", "80", "--crop_val", "--val_batch_size", "3"]
+    assert run.main([*base, "--logdir", str(tmp_path / "a")]) == 0
+    assert run.main([*base, *other_eval, "--logdir", str(tmp_path / "b"),
+                     "--results_file", str(tmp_path / "b.jsonl")]) == 0
+    for step in (0, 1):
+        a, b = (checkpoint.load(tmp_path / runs / RUN / f"step-{step}.pth")["model"] for runs in ("a", "b"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"step {step}"
+    capsys.readouterr()
+    results = tmp_path / "retest.jsonl"
+    assert run.main([*base, *other_eval, "--logdir", str(tmp_path / "a"), "--results_file", str(results)]) == 0
+    assert capsys.readouterr().out.count("exists, reusing it") == 2
+    retested = [json.loads(line) for line in results.read_text().splitlines()]
+    first = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert [r["class_iou"] for r in retested] == [r["class_iou"] for r in first]  # b's scores: same weights, same tests
+
+
 @pytest.mark.parametrize("name", ["../elsewhere", "a/b", "", ".", ".."])
 def test_a_name_that_is_not_one_folder_is_refused(tmp_path, capsys, name):
     assert run.main([*TINY, "--name", name, "--logdir", str(tmp_path / "runs")]) == 2

@@ -18,12 +18,14 @@ from utils.errors import CheckpointError
 # --norm_act is not one: every variant computes BN + leaky ReLU with the same state-dict keys.
 ARCHITECTURE = ("backbone", "width", "output_stride", "head", "pooling")
 
-# Options that change neither the weights nor the results of a step: a resume may alter them.
-# With per-sample augmentation seeds (dataset/loaders.py) the number of workers is one of them.
+# Options that do not change a step's weights: a resume, or a rerun that reuses a finished step,
+# may alter them.  With per-sample augmentation seeds (dataset/loaders.py) the number of workers is
+# one of them; so is every evaluation setting (the validation set's size, crops and batch), as a
+# reused step is tested anew under the rerun's.
 RESUME_NEUTRAL = frozenset({
     "name", "logdir", "results_file", "test", "overwrite", "step", "step_ckpt", "ckpt", "no_progress",
     "log_interval", "val_interval", "sample_num", "num_workers", "device", "local_rank", "data_root",
-    "cache_dir", "opt_level", "method_cls",
+    "cache_dir", "opt_level", "method_cls", "crop_val", "val_batch_size", "shapes_val_size",
 })
 PER_STEP = ("epochs", "lr")  # per-step flags: only the value of the resumed step matters
 
