@@ -202,14 +202,13 @@ def plan(chosen: list[str], seeds_of: dict[str, list[int]], logdir: Path, last_s
     """Every run of the table: one step-0 run per recipe, then each row's seeds from it (and the
     joint bound's runs, when ``seeds_of`` has a ``JOINT`` row)."""
     rows = table_rows(chosen, variants)
-    jobs = joint_jobs(seeds_of.get(JOINT, []))
-    jobs += [Job(recipe, recipe, ["0"]) for recipe in dict.fromkeys(v.recipe for v in rows.values())]
+    jobs = [Job(recipe, recipe, ["0"]) for recipe in dict.fromkeys(v.recipe for v in rows.values())]
     for row, v in rows.items():
         step0 = run_dir(logdir, v.recipe, task, protocol) / "step-0.pth"
         jobs += [Job(v.method, seed_name(row, seed), [str(s) for s in range(1, last_step + 1)],
                      [*v.flags, "--step_ckpt", str(step0), "--random_seed", str(seed)], after=v.recipe, row=row)
                  for seed in seeds_of.get(row, [])]
-    return jobs
+    return jobs + joint_jobs(seeds_of.get(JOINT, []))  # last: the rows' runs wait on their step 0, these on nothing
 
 
 def runs_of(row: str, jobs: list[Job]) -> list[Job]:
