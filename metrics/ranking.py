@@ -150,6 +150,7 @@ class Protocol:
 
 OVERLAPPED = Protocol(True, {"15-1": PUBLISHED, "15-5": PUBLISHED_15_5})
 DISJOINT = Protocol(False, {"15-1": PUBLISHED_DISJOINT, "15-5": PUBLISHED_15_5_DISJOINT})
+JOINT_RUNS = Protocol(True, {}, "offline")  # where the joint bound's runs are (scripts/leaderboard.py)
 
 
 def seed_name(row: str, seed: int) -> str:
@@ -158,12 +159,9 @@ def seed_name(row: str, seed: int) -> str:
 
 
 def _last_by_step(rows: list[dict], name: str, protocol: Protocol) -> dict[int, dict]:
-    steps: dict[int, dict] = {}
-    for r in rows:
-        if (r["name"] == name and r["dataset"] == "shapes" and layout(r["task"]) == protocol.layout
-                and r["overlap"] == protocol.overlap):
-            steps[r["step"]] = r  # a later line of the same step wins
-    return steps
+    """A run's result line per step, on the protocol's task layout (a later line of a step wins)."""
+    return {r["step"]: r for r in rows if r["name"] == name and r["dataset"] == "shapes"
+            and layout(r["task"]) == protocol.layout and r["overlap"] == protocol.overlap}
 
 
 def seed_scores(rows: list[dict], row: str, seed: int, recipe: str,
@@ -191,11 +189,10 @@ def joint_scores(rows: list[dict], seed: int, split: tuple[list[int], list[int]]
     """One seed of the joint bound (its run: ``Joint-seed<seed>``, one step of ``--task offline``,
     whose class IoU is indexed by class id): old / new / all and hIoU under the table's ``split``
     (``class_split``); no *avg*, as the bound has no steps."""
-    found = [r for r in rows if r["name"] == seed_name(JOINT, seed) and r["dataset"] == "shapes"
-             and r["task"] == "offline" and r["step"] == 0]
-    if not found:
+    line = _last_by_step(rows, seed_name(JOINT, seed), JOINT_RUNS).get(0)
+    if line is None:
         return None
-    iou = [math.nan if v is None else v for v in found[-1]["class_iou"]]  # null: a class absent from the test set
+    iou = [math.nan if v is None else v for v in line["class_iou"]]  # null: a class absent from the test set
     return {**incremental_scores(iou, *split), "avg": None}
 
 
@@ -228,7 +225,8 @@ def summarise(rows: list[dict], seeds_of: dict[str, list[int]], recipes: dict[st
     table = []
     for method, seeds in seeds_of.items():
         if method == JOINT:
-            scores = [joint_scores(rows, seed, class_split(task)) for seed in seeds]
+            split = class_split(task)
+            scores = [joint_scores(rows, seed, split) for seed in seeds]
         else:
             scores = [seed_scores(rows, method, seed, recipes[method], protocol) for seed in seeds]
         found = [s for s in scores if s is not None]
