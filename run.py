@@ -29,7 +29,8 @@ from segmentation_module import make_model
 from train import Timer, Trainer, evaluate
 from utils import checkpoint
 from utils.cli import one_line
-from utils.distributed import DistInfo, barrier, cleanup, init_distributed, share_cpus
+from utils.distributed import (DistInfo, barrier, cleanup, ending_on_failure, init_distributed, report_failure,
+                               share_cpus)
 from utils.errors import CheckpointError, UserError
 from utils.logger import Logger
 from utils.malloc import keep_freed_memory
@@ -267,6 +268,8 @@ def exit_on_signals() -> None:
 
     def wait():
         signum = signal.sigwait(signals)
+        while ending_on_failure():  # the launcher ending the other ranks of a failed run: they end on their own
+            signum = signal.sigwait(signals)
         sys.stderr.write(f"interrupted by {signal.Signals(signum).name}; the last epoch checkpoint is kept: "
                          "rerun the same command to resume\n")
         sys.stderr.flush()
@@ -278,27 +281,33 @@ def exit_on_signals() -> None:
 def main(argv=None, own_process: bool = False) -> int:
     """Exit codes: 0 done, 2 a problem the one printed line names (130/143: exit_on_signals).
     ``own_process`` (the command line) also sizes torch's CPU thread pool, which is per process."""
+    failed = True
     try:
         opts = parse_args(argv)
         info = init_distributed(opts.device)
         if own_process:
             share_cpus(info.device)
-        try:
-            run(opts, info)
-        finally:
-            cleanup()
+        run(opts, info)
+        failed = False
     except UserError as exc:  # every problem the user can fix (utils/errors.py)
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        return fail(f"error: {one_line(exc)}")
     except OSError as exc:  # the run directory: read-only, full, no permission
         where = f" {exc.filename}" if exc.filename else ""
-        print(f"error: cannot write{where} ({exc.strerror or exc}); make --logdir writable or free disk space, "
-              "then rerun the same command", file=sys.stderr)
-        return 2
+        return fail(f"error: cannot write{where} ({exc.strerror or exc}); make --logdir writable or free disk "
+                    "space, then rerun the same command")
     except KeyboardInterrupt:  # main() called without exit_on_signals (from Python)
-        print("interrupted; the last epoch checkpoint is kept: rerun the same command to resume", file=sys.stderr)
-        return 130
+        return fail("interrupted; the last epoch checkpoint is kept: rerun the same command to resume", 130)
+    finally:  # a rank that failed does not wait for the others in a barrier: they end with it
+        cleanup(failed)
     return 0
+
+
+def fail(line: str, code: int = 2) -> int:
+    """Under torchrun every rank ends with this one (utils/distributed.py), and only the first
+    rank to fail prints its line: one line, however many ranks hit the same problem."""
+    if report_failure():
+        print(line, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from utils.modes import eval_mode
 
 from .errors import DataError
 from .incremental import IncrementalSegmentation, build_datasets
+from .loaders import unblock_signals
 from .tasks import Task
 from .transforms import device_batch, eval_transform
 
@@ -73,7 +74,7 @@ def candidate_presence(model: nn.Module, dataset: IncrementalSegmentation, devic
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     shard = list(range(rank, len(dataset), world))
     loader = DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers)
+                        num_workers=num_workers, worker_init_fn=unblock_signals)
     rows = torch.zeros(len(dataset), NUM_VALUES, dtype=torch.int32, device=device)
     start = 0
     with eval_mode(model):

@@ -368,3 +368,125 @@ def test_signals_stop_at_once_and_keep_the_epoch_checkpoint(tmp_path, signum, co
     assert signal.Signals(signum).name in lines[0] and "rerun the same command to resume" in lines[0]
     assert checkpoint.load(partial)["epoch"] >= 0  # complete and verified
     assert not (tmp_path / RUN / "step-0.pth").exists()
+
+
+# --- item 8: an error on one rank of several ---------------------------------------------------
+# Before: the ranks that did not fail waited in their next collective (and the failing one in the
+# barrier of its cleanup) until gloo's 30-minute timeout, and a failure every rank saw was printed
+# once per rank.  A process killed after LAUNCH_SECONDS counts as a hang.
+LAUNCH_SECONDS = 180
+QUIET = ("interrupted by", "Connection", "TCPStore", "terminate called", f'File "{ROOT}')
+
+
+@pytest.fixture(scope="module")
+def voc_with_a_corrupt_image(tmp_path_factory):
+    """A data/make_shapes.py folder whose 4th training image is not an image: read by one rank."""
+    root = tmp_path_factory.mktemp("corrupt") / "voc"
+    subprocess.run([sys.executable, str(ROOT / "data" / "make_shapes.py"), "--root", str(root), "--train", "12",
+                    "--val", "6", "--size", "32"], check=True, capture_output=True, env=subprocess_env())
+    image = sorted((root / "VOC2012" / "JPEGImages").glob("train_*.jpg"))[3]
+    image.write_bytes(b"not a JPEG")
+    flags = [*ON_DISK, "--dataset", "voc", "--data_root", str(root), "--task", "offline", "--step", "0",
+             "--epochs", "1", "--batch_size", "2", "--num_workers", "1"]  # offline: every image is step 0's
+    return flags, image
+
+
+def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    """Exit code and output (what was piped) of each process, all killed with their children past
+    LAUNCH_SECONDS."""
+    deadline = time.monotonic() + LAUNCH_SECONDS
+    ended = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                chaos.kill_tree(p.pid)
+            pytest.fail("the ranks did not end: they wait for the one that failed")
+        ended.append((proc.returncode, (out or "") + (err or "")))
+    return ended
+
+
+def under_torchrun(args: list[str], logdir: Path, nproc: int = 2) -> tuple[int, str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "--monitor-interval=0.2", str(ROOT / "run.py"), *args, "--logdir", str(logdir),
+               "--cache_dir", str(logdir / "cache")]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=subprocess_env())
+    return finish([proc])[0]
+
+
+def under_env_launch(args: list[str], logdir: Path, nproc: int = 2) -> list[tuple[int, str]]:
+    """Each rank started by hand with the env:// variables (as a cluster scheduler does): rank 0
+    hosts the rendezvous store, so it must be the last to leave."""
+    from gloo import free_port
+
+    common = dict(subprocess_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc))
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args, "--logdir", str(logdir),
+                               "--cache_dir", str(logdir / "cache")], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=dict(common, RANK=str(rank), LOCAL_RANK=str(rank)))
+             for rank in range(nproc)]
+    return finish(procs)
+
+
+def one_error_line_of_all_ranks(output: str, *fragments) -> None:
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, output
+    assert not [q for q in QUIET if q in output], output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def torchrun_exit_codes(output: str) -> list[int]:
+    """The exit codes of the failed ranks, from torchrun's failure report."""
+    return [int(line.split(":")[1].split()[0]) for line in output.splitlines() if line.strip().startswith("exitcode")]
+
+
+def test_a_corrupt_image_one_rank_reads_ends_every_rank_under_torchrun(voc_with_a_corrupt_image, tmp_path):
+    flags, image = voc_with_a_corrupt_image
+    code, output = under_torchrun(flags, tmp_path)
+    assert code == 1 and torchrun_exit_codes(output) == [2, 2], output  # torchrun's code for a failed rank
+    one_error_line_of_all_ranks(output, f"cannot read image {image}")
+    assert not list(tmp_path.rglob("*.pth"))
+
+
+def test_a_corrupt_image_one_rank_reads_ends_every_rank_under_an_env_launch(voc_with_a_corrupt_image, tmp_path):
+    flags, image = voc_with_a_corrupt_image
+    ended = under_env_launch([*flags, "--num_workers", "0"], tmp_path, nproc=3)
+    assert [code for code, _ in ended] == [2, 2, 2], ended
+    one_error_line_of_all_ranks("".join(out for _, out in ended), f"cannot read image {image}")
+
+
+@pytest.mark.parametrize("launch", ["torchrun", "env"])
+def test_a_results_file_only_rank_0_checks_ends_every_rank(tmp_path, launch):
+    results = "/sys/cssbench-test/results.jsonl"
+    args = [*TINY, "--epochs", "1", "--results_file", results]
+    if launch == "torchrun":
+        code, output = under_torchrun(args, tmp_path)
+        assert code == 1 and torchrun_exit_codes(output) == [2, 2], output
+    else:
+        ended = under_env_launch(args, tmp_path)
+        assert [code for code, _ in ended] == [2, 2], ended
+        output = "".join(out for _, out in ended)
+    one_error_line_of_all_ranks(output, f"--results_file {results}")
+    assert not list(tmp_path.rglob("*.pth"))
+
+
+def test_an_error_every_rank_meets_is_printed_once(tmp_path):
+    code, output = under_torchrun([*TINY, "--step", "1"], tmp_path)
+    assert code == 1 and torchrun_exit_codes(output) == [2, 2], output
+    one_error_line_of_all_ranks(output, "step 1 needs the step 0 checkpoint")
+
+
+def test_a_corrupt_image_a_dataloader_worker_reads_ends_the_process(voc_with_a_corrupt_image, tmp_path, capsys):
+    """The worker's error reaches the main process, which then left; at exit it waited forever for
+    its worker, forked with SIGTERM blocked (dataset.loaders.unblock_signals)."""
+    flags, image = voc_with_a_corrupt_image
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *flags, "--logdir", str(tmp_path),
+                             "--cache_dir", str(tmp_path / "cache")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    [(code, err)] = finish([proc])
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"cannot read image {image}" in lines[0], err
