@@ -372,8 +372,8 @@ def test_signals_stop_at_once_and_keep_the_epoch_checkpoint(tmp_path, signum, co
 
 # --- item 8: an error on one rank of several ---------------------------------------------------
 # Before: the ranks that did not fail waited in their next collective (and the failing one in the
-# barrier of its cleanup) until gloo's 30-minute timeout, and a failure every rank saw was printed
-# once per rank.  A process killed after LAUNCH_SECONDS counts as a hang.
+# barrier of its cleanup) until the process group's timeout, 30 minutes by default, and a failure
+# every rank saw was printed once per rank.  A process killed after LAUNCH_SECONDS counts as a hang.
 LAUNCH_SECONDS = 180
 QUIET = ("interrupted by", "Connection", "TCPStore", "terminate called", f'File "{ROOT}')
 
