@@ -473,10 +473,12 @@ def test_a_results_file_only_rank_0_checks_ends_every_rank(tmp_path, launch):
     assert not list(tmp_path.rglob("*.pth"))
 
 
-def test_an_error_every_rank_meets_is_printed_once(tmp_path):
-    code, output = under_torchrun([*TINY, "--step", "1"], tmp_path)
+@pytest.mark.parametrize("flags,fragment", [(["--step", "1"], "step 1 needs the step 0 checkpoint"),
+                                            (["--bogus"], "unrecognized arguments: --bogus")])  # before the group
+def test_an_error_every_rank_meets_is_printed_once(tmp_path, flags, fragment):
+    code, output = under_torchrun([*TINY, *flags], tmp_path)
     assert code == 1 and torchrun_exit_codes(output) == [2, 2], output
-    one_error_line_of_all_ranks(output, "step 1 needs the step 0 checkpoint")
+    one_error_line_of_all_ranks(output, fragment)
 
 
 def test_a_corrupt_image_a_dataloader_worker_reads_ends_the_process(voc_with_a_corrupt_image, tmp_path, capsys):

@@ -172,8 +172,11 @@ _peers: PeerFailures | None = None  # set while a process group is up
 def report_failure() -> bool:
     """Call on an error that ends this rank: every other rank of the run ends too (exit code 2,
     silently) instead of waiting for this one.  True where this rank failed first and so names
-    the error; always True in a single process."""
-    return _peers.report() if _peers is not None else True
+    the error.  Before the process group is up the errors are the flags', the same on every
+    rank, so the launcher's rank 0 names them (a single process always does)."""
+    if _peers is None:
+        return int(os.environ.get("RANK", "0")) == 0
+    return _peers.report()
 
 
 def ending_on_failure() -> bool:
