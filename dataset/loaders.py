@@ -65,7 +65,7 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def unblock_signals(worker_id: int = 0) -> None:
+def unblock_signals(worker_id: int) -> None:
     """A DataLoader worker's ``worker_init_fn``: workers are forked with SIGINT and SIGTERM blocked
     (``run.exit_on_signals`` blocks them for a thread the fork does not copy), so nothing could
     end them, and a process leaving on an error, its workers never shut down, waited for them
@@ -73,7 +73,7 @@ def unblock_signals(worker_id: int = 0) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
-def loader_kwargs(num_workers: int, device) -> dict:
+def _loader_kwargs(num_workers: int, device) -> dict:
     return dict(num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
                 worker_init_fn=unblock_signals)
 
@@ -87,10 +87,10 @@ def train_loader(dataset: Dataset, opts, info, seed: int) -> DataLoader:
     shuffle = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                  seed=seed, drop_last=True)
     return DataLoader(SeededSamples(dataset, seed), batch_size=opts.batch_size, sampler=EpochSampler(shuffle),
-                      drop_last=True, **loader_kwargs(opts.num_workers, info.device))
+                      drop_last=True, **_loader_kwargs(opts.num_workers, info.device))
 
 
 def eval_loader(dataset: Dataset, opts, info) -> DataLoader:
     sampler = ShardSampler(len(dataset), info.rank, info.world_size)
     return DataLoader(dataset, batch_size=opts.val_batch_size, sampler=sampler,
-                      **loader_kwargs(opts.num_workers, info.device))
+                      **_loader_kwargs(opts.num_workers, info.device))

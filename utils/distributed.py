@@ -100,12 +100,13 @@ class PeerFailures:
     Without it a rank that stops -- a corrupt image only it reads, a checkpoint or results file
     only rank 0 writes, a NaN it sees an iteration before the others -- leaves the others waiting
     in their next collective until the process group's timeout (30 minutes by default), and each
-    rank that does fail prints the same line.  A failing rank counts itself in a key of the launcher's store; a thread on every
-    rank polls that key over its own connection (the process group's is busy in collectives) and
-    ends its process with exit code 2 and no word, so the first rank to fail names the problem,
-    once.  A process ended this way loses nothing a kill would not: every file is written by
-    atomic rename.  Under a plain env:// launch rank 0 hosts the store, so it leaves last: a
-    store op that finds its host gone fails with C++ warnings on stderr.
+    rank that does fail prints the same line.  A failing rank counts itself in a key of the
+    launcher's store; a thread on every rank polls that key over its own connection (the process
+    group's is busy in collectives) and ends its process with exit code 2 and no word, so the
+    first rank to fail names the problem, once.  A process ended this way loses nothing a kill
+    would not: every file is written by atomic rename.  Under a plain env:// launch rank 0 hosts
+    the store, so it leaves last: a store op that finds its host gone fails with C++ warnings on
+    stderr.
     """
 
     FAILED, ENDED, LEFT = "failed", "ended", "left"  # counters in the store
